@@ -1,0 +1,18 @@
+"""gconv-rewrite: rewrite grouped convolutions in ONNX models between native and emulated forms, exactly.
+
+    import gconv_rewrite as gr
+    result = gr.rewrite("model.onnx", direction="fuse")
+    for d in result.decisions:
+        print(d.line())
+    result.save("out.onnx")
+"""
+
+from .api import rewrite
+from .errors import GconvError, VerificationError
+from .geometry import ConvSpec
+from .rewrite import Decision, RewriteResult
+from .verify import OutputParity, VerifyReport, verify
+
+__version__ = "0.1.0"
+__all__ = ["rewrite", "verify", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
+           "GconvError", "VerificationError", "__version__"]

@@ -1,0 +1,361 @@
+"""Find candidates in one graph: native grouped Convs, and emulation regions behind depthwise Convs.
+
+An emulation region is grown forward from a depthwise Conv's output through ops that can only
+move or sum elements (`channelmap.TRACEABLE_OPS`). Every prefix of the region with a single exit
+tensor is a possible cut; the deepest cut whose traced content is a channel map of a single Conv
+is the one to fuse. Near-misses become `Skip`s with the precise reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+from onnx import NodeProto, helper
+
+from .channelmap import (TRACEABLE_OPS, ChannelMap, NotAChannelMove, ShapeEval, Traced, classify_output,
+                         conv_1x1_matrix, propagate, source)
+from .geometry import ConvSpec, spec_from_conv
+from .graph import SHAPE_ONLY_OPS, GraphIndex, attr
+from .lowering import Grouping, NotFusable, solve_grouping
+
+_SHAPE_OPS = frozenset({"Shape", "Size", "Gather", "Cast", "Slice", "Concat", "Unsqueeze", "Squeeze",
+                        "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min", "Reshape", "ReduceProd",
+                        "Constant"})
+_MAX_TRACE_ELEMENTS = 1 << 27
+_BATCH_PROBE = 2
+_SPATIAL_PROBES = (5, 7, 11, 13, 17)
+
+
+@dataclass
+class NativeGrouped:
+    """A Conv with 1 < group < C_in and constant weights."""
+
+    node: NodeProto
+    spec: ConvSpec
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+@dataclass
+class Emulation:
+    """A depthwise Conv plus the nodes after it that, together, compute one Conv."""
+
+    dw: NodeProto
+    spec: ConvSpec  # of the Conv the region equals
+    nodes: list[NodeProto]  # the region up to the cut, in graph order (dw Conv excluded)
+    output: str  # the cut tensor, produced by the region's last node
+    cmap: ChannelMap
+    grouping: Grouping
+    dw_weight: np.ndarray
+    dw_bias: np.ndarray | None
+
+
+@dataclass
+class Skip:
+    """A node that looked like a candidate but is left alone, and why."""
+
+    node: NodeProto
+    kind: str  # "grouped_conv" | "emulation"
+    reason: str
+    spec: ConvSpec | None = None
+
+
+Candidate = NativeGrouped | Emulation | Skip
+
+
+def node_label(node: NodeProto) -> str:
+    return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
+
+
+def analyse(ix: GraphIndex) -> list[Candidate]:
+    """All candidates of the graph, in graph order."""
+    found: list[Candidate] = []
+    for node in ix.graph.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        group = attr(node, "group", 1)
+        wdims = ix.constant_dims(node.input[1])
+        if wdims is None:
+            if group > 1:
+                found.append(Skip(node, "grouped_conv", "weight is not a constant (initializer or Constant node)"))
+            continue
+        if len(wdims) < 3:
+            continue
+        c_in = group * wdims[1]
+        if 1 < group < c_in:
+            found.append(_native(ix, node))
+        elif group == c_in and c_in > 1 and any(n.op_type in TRACEABLE_OPS for n in ix.data_consumers(node.output[0])):
+            result = _emulation(ix, node)
+            if result is not None:
+                found.append(result)
+    return found
+
+
+def _conv_spec(ix: GraphIndex, node: NodeProto, wdims, dtype) -> ConvSpec:
+    return spec_from_conv(node, wdims, dtype, ix.shape(node.input[0]), ix.shape(node.output[0]))
+
+
+def _native(ix: GraphIndex, node: NodeProto) -> Candidate:
+    weight = ix.constant(node.input[1])
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = ix.constant(node.input[2])
+        if bias is None:
+            return Skip(node, "grouped_conv", "bias is not a constant")
+    spec = _conv_spec(ix, node, weight.shape, weight.dtype)
+    if spec.c_out % spec.group:
+        return Skip(node, "grouped_conv", f"C_out={spec.c_out} is not a multiple of group={spec.group}", spec)
+    if weight.dtype.kind != "f":
+        return Skip(node, "grouped_conv", f"weight dtype {weight.dtype} is not floating point", spec)
+    return NativeGrouped(node, spec, weight, bias)
+
+
+# -- emulation regions ---------------------------------------------------------------------------
+
+def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
+    y0 = dw.output[0]
+    weight = ix.constant(dw.input[1])
+    dw_bias = None
+    if len(dw.input) > 2 and dw.input[2]:
+        dw_bias = ix.constant(dw.input[2])
+        if dw_bias is None:
+            return Skip(dw, "emulation", "depthwise bias is not a constant")
+    c_in = attr(dw, "group", 1)
+    multiplier = weight.shape[0] // c_in
+    if weight.dtype.kind != "f":
+        return Skip(dw, "emulation", f"weight dtype {weight.dtype} is not floating point")
+    region, boundary = _grow_region(ix, y0)
+    if not region:
+        return None
+    probe, symbols = _probe_shape(ix, dw, weight.shape)
+    if probe is None:
+        return Skip(dw, "emulation", "unknown channel count or rank of the depthwise output")
+    if prod(probe) > _MAX_TRACE_ELEMENTS:
+        return Skip(dw, "emulation", f"depthwise output {list(probe)} is too large to trace")
+    cuts, cut_reason = _valid_cuts(ix, y0, region)
+    if not cuts:
+        return Skip(dw, "emulation", cut_reason or boundary or "no single exit tensor")
+    try:
+        best = _trace(ix, y0, probe, symbols, region, cuts)
+    except NotAChannelMove as exc:
+        return Skip(dw, "emulation", str(exc))
+    if isinstance(best, str):
+        return Skip(dw, "emulation", best)
+    cut, cmap = best
+    try:
+        grouping = solve_grouping(cmap, multiplier, c_in)
+    except NotFusable as exc:
+        return Skip(dw, "emulation", f"does not compute a single Conv: {exc}")
+    nodes = region[:cut + 1]
+    output = _cut_output(nodes[-1], ix)
+    out_shape = ix.shape(output)
+    if out_shape is not None and cmap.layout == "NLC":
+        out_shape = (out_shape[0], out_shape[-1]) + tuple(out_shape[1:-1])
+    spec = spec_from_conv(dw, (grouping.c_out, grouping.cig) + tuple(weight.shape[2:]), weight.dtype,
+                          ix.shape(dw.input[0]), out_shape)
+    spec = ConvSpec(**{**spec.__dict__, "group": grouping.group})
+    return Emulation(dw, spec, nodes, output, cmap, grouping, weight, dw_bias)
+
+
+def _grow_region(ix: GraphIndex, y0: str) -> tuple[list[NodeProto], str]:
+    """Nodes reachable from y0 through traceable ops whose other inputs are constant or shape-computed."""
+    traced = {y0}
+    region: list[NodeProto] = []
+    seen: set[int] = set()
+    heap: list = []
+    boundary = ""
+    shape_computable: dict[str, bool] = {}
+
+    def push(name):
+        for n in ix.data_consumers(name):
+            if id(n) not in seen:
+                seen.add(id(n))
+                heapq.heappush(heap, (ix.pos(n), id(n), n))
+
+    push(y0)
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        why = _region_refusal(ix, node, traced, shape_computable)
+        if why is not None:
+            boundary = boundary or why
+            continue
+        region.append(node)
+        for out in node.output:
+            if out:
+                traced.add(out)
+                push(out)
+    return region, boundary
+
+
+def _region_refusal(ix: GraphIndex, node: NodeProto, traced: set[str], memo: dict) -> str | None:
+    """None when `node` joins the region, else why not ("" for an ordinary op that ends it)."""
+    if node.op_type not in TRACEABLE_OPS or node.domain not in ("", "ai.onnx"):
+        return ""
+    ins = [n for n in node.input]
+    is_traced = [bool(n) and n in traced for n in ins]
+    if node.op_type in ("Add", "Sub", "Sum", "Concat"):
+        others_ok = all(t or not n or _shape_computable(ix, n, memo) for n, t in zip(ins, is_traced))
+        return None if others_ok else f"{node.op_type} {node_label(node)} mixes in a non-constant tensor"
+    if not is_traced[0] or any(is_traced[1:]):
+        return f"{node.op_type} {node_label(node)} uses the traced tensor as a parameter"
+    if not all(not n or _shape_computable(ix, n, memo) for n in ins[1:]):
+        return f"{node.op_type} {node_label(node)} has non-constant parameters"
+    if node.op_type == "Conv":
+        try:
+            conv_1x1_matrix(node, ix.constant(node.input[1]))
+        except NotAChannelMove as exc:
+            return f"Conv {node_label(node)}: {exc}"
+    return None
+
+
+def _shape_computable(ix: GraphIndex, name: str, memo: dict, depth: int = 0) -> bool:
+    """True when `name` depends only on constants and on tensor shapes."""
+    if name in memo:
+        return memo[name]
+    ok = ix.is_constant(name)
+    if not ok and depth < 48:
+        node = ix.producer.get(name)
+        if node is not None and node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx"):
+            ok = node.op_type in SHAPE_ONLY_OPS or all(
+                not n or _shape_computable(ix, n, memo, depth + 1) for n in node.input)
+    memo[name] = ok
+    return ok
+
+
+def _probe_shape(ix: GraphIndex, dw: NodeProto, wdims) -> tuple[tuple[int, ...] | None, dict]:
+    """Concrete sizes to trace with: static dims as they are, symbolic batch -> 2, other symbols -> small primes."""
+    rank = len(wdims)
+    channels = int(wdims[0])
+    shape = ix.shape(dw.output[0])
+    symbols: dict = {}
+    if shape is None or len(shape) != rank:
+        shape = (None, channels) + (None,) * (rank - 2)
+    dims = []
+    primes = iter(_SPATIAL_PROBES)
+    for axis, d in enumerate(shape):
+        if axis == 1:
+            dims.append(channels)
+        elif isinstance(d, int) and d > 0:
+            dims.append(d)
+        else:
+            value = _BATCH_PROBE if axis == 0 else next(primes, 19)
+            if isinstance(d, str):
+                value = symbols.setdefault(d, value)
+            dims.append(value)
+    return tuple(dims), symbols
+
+
+def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[int], str]:
+    """Indices i such that region[:i+1] can be replaced as a whole by something producing one tensor."""
+    in_region = {id(n) for n in region}
+    last_use: dict[str, int] = {}
+    exits: dict[str, str] = {}
+
+    def note(name: str):
+        uses = [ix.pos(n) for n in ix.consumers.get(name, ()) if id(n) in in_region]
+        last_use[name] = max(uses) if uses else -1
+        outside = [n for n in ix.data_consumers(name) if id(n) not in in_region]
+        if outside:
+            exits[name] = f"feeds {outside[0].op_type} {node_label(outside[0])}, which needs the unfused tensor"
+        elif ix.is_output(name):
+            exits[name] = "is a graph output"
+
+    note(y0)
+    open_: set[str] = {y0}
+    cuts: list[int] = []
+    reason = ""
+    for i, node in enumerate(region):
+        here = ix.pos(node)
+        for out in node.output:
+            if out:
+                note(out)
+                open_.add(out)
+        open_ = {t for t in open_ if t in exits or last_use[t] > here}
+        outs = [o for o in node.output if o in open_]
+        if len(open_) == 1 and len(outs) == 1:
+            shape_why = _shape_users_removable(ix, region[:i + 1], y0, outs[0])
+            if shape_why:
+                reason = shape_why
+            else:
+                cuts.append(i)
+        elif y0 in exits and not reason:
+            reason = f"depthwise output {exits[y0]}"
+    if not cuts and not reason:
+        stuck = sorted(t for t in open_ if t in exits)
+        if stuck:
+            reason = f"intermediate tensor '{stuck[0]}' {exits[stuck[0]]}"
+    return cuts, reason
+
+
+def _shape_users_removable(ix: GraphIndex, prefix: list[NodeProto], y0: str, keep: str) -> str:
+    """Shape/Size consumers of removed tensors must only feed the removed nodes' parameters."""
+    removed = {id(n) for n in prefix}
+    names = [y0] + [o for n in prefix for o in n.output if o and o != keep]
+    for name in names:
+        for user in ix.consumers.get(name, ()):
+            if user.op_type in SHAPE_ONLY_OPS and not _only_feeds(ix, user, removed, 0):
+                return f"the shape of '{name}' is used outside the emulation"
+    return ""
+
+
+def _only_feeds(ix: GraphIndex, node: NodeProto, removed: set[int], depth: int) -> bool:
+    if depth > 48:
+        return False
+    for out in node.output:
+        if ix.is_output(out):
+            return False
+        for user in ix.consumers.get(out, ()):
+            if id(user) in removed:
+                continue
+            if user.op_type not in _SHAPE_OPS or not _only_feeds(ix, user, removed, depth + 1):
+                return False
+    return True
+
+
+def _cut_output(node: NodeProto, ix: GraphIndex) -> str:
+    outs = [o for o in node.output if o and (ix.consumers.get(o) or ix.is_output(o))]
+    return outs[0]
+
+
+def _trace(ix: GraphIndex, y0: str, probe, symbols, region, cuts) -> tuple[int, ChannelMap] | str:
+    """Propagate indices through region[:last cut]; return the deepest cut that is a channel map."""
+    last = cuts[-1]
+    prefix = region[:last + 1]
+    in_prefix = {id(n) for n in prefix}
+    last_use = {}
+    for i, node in enumerate(prefix):
+        for name in node.input:
+            last_use[name] = i
+    cut_set = set(cuts)
+    traced: dict[str, Traced] = {y0: source(probe)}
+    shapes = {y0: probe}
+    ev = ShapeEval(ix, shapes, symbols)
+    best: tuple[int, ChannelMap] | None = None
+    reason = ""
+    for i, node in enumerate(prefix):
+        ins = [traced.get(n) if n else None for n in node.input]
+        values = [None if (t is not None or not n) else ev.value(n) for n, t in zip(node.input, ins)]
+        try:
+            outs = propagate(node, ins, values, ix.opset)
+        except NotAChannelMove as exc:
+            return f"{node.op_type} {node_label(node)}: {exc}" if best is None else best
+        for name, t in zip(node.output, outs):
+            if name:
+                traced[name] = t
+                shapes[name] = t.shape
+        for name in set(node.input):
+            if last_use.get(name) == i and name in traced:
+                del traced[name]
+        if i in cut_set:
+            out = _cut_output(node, ix)
+            try:
+                best = (i, classify_output(traced[out], probe))
+            except NotAChannelMove as exc:
+                reason = f"result '{out}': {exc}"
+        for name in node.output:
+            if name in traced and not any(id(c) in in_prefix for c in ix.consumers.get(name, ())):
+                del traced[name]
+    return best if best is not None else reason

@@ -1,0 +1,40 @@
+"""The Python API: `rewrite` and `verify`, taking ModelProtos or paths."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import model_io
+from .model_io import ModelSource
+from .rewrite import DIRECTIONS, Direction, RewriteResult, rewrite_model
+from .verify import VerifyReport, verify
+
+__all__ = ["rewrite", "verify", "RewriteResult", "VerifyReport"]
+
+
+def rewrite(model: ModelSource, direction: Direction = "auto", *, verify_result: bool = True,
+            provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
+            input_shapes: dict[str, tuple[int, ...]] | None = None) -> RewriteResult:
+    """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
+
+    direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
+    grouped Conv into depthwise Conv + Reshape + ReduceSum + Reshape; "auto" picks per node
+    (today: fuse emulations, keep native grouped Convs, the fastest form on onnxruntime CPU).
+    verify_result: compare original and rewritten outputs with onnxruntime on `provider`
+    (`result.verification`); skipped when nothing changed.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    original, info = model_io.load(model)  # our own copy
+    rewritten = original
+    if verify_result:  # keep the original for the comparison
+        rewritten = type(original)()
+        rewritten.CopyFrom(original)
+    decisions = rewrite_model(rewritten, direction)
+    result = RewriteResult(rewritten, decisions, direction, info)
+    if verify_result and result.changed:
+        result.verification = verify(original, rewritten, provider,
+                                     inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes)
+    return result

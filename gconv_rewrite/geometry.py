@@ -1,0 +1,122 @@
+"""`ConvSpec`: the geometry of an N-d ONNX Conv, with the shapes and costs derived from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Dim = int | str | None  # a static size, a symbolic dim name, or unknown
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Geometry of one Conv: channels, groups, kernel and the spatial attributes.
+
+    `input_shape`/`output_shape` hold ints for static dims and symbol names (or None)
+    for dynamic ones; they are informative and never needed for exactness.
+    """
+
+    c_in: int
+    c_out: int
+    group: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None  # begin..., end... ; None when auto_pad decides
+    auto_pad: str
+    dtype: str
+    input_shape: tuple[Dim, ...] | None = field(default=None, compare=False)
+    output_shape: tuple[Dim, ...] | None = field(default=None, compare=False)
+
+    @property
+    def rank(self) -> int:
+        """Number of spatial dimensions (1, 2 or 3)."""
+        return len(self.kernel)
+
+    @property
+    def cig(self) -> int:
+        """Input channels per group."""
+        return self.c_in // self.group
+
+    @property
+    def cog(self) -> int:
+        """Output channels per group (the depthwise emulation's channel multiplier)."""
+        return self.c_out // self.group
+
+    @property
+    def is_grouped(self) -> bool:
+        """True for 1 < group < C_in: the convs this tool rewrites."""
+        return 1 < self.group < self.c_in
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.group == self.c_in and self.c_in > 0
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        s = "x".join(map(str, self.strides))
+        text = f"Cin={self.c_in} Cout={self.c_out} G={self.group} (Cig={self.cig}, Cog={self.cog}) k={k}"
+        if any(v != 1 for v in self.strides):
+            text += f" s={s}"
+        if any(v != 1 for v in self.dilations):
+            text += " d=" + "x".join(map(str, self.dilations))
+        return text
+
+    def output_spatial_size(self) -> int | None:
+        """Product of the static output spatial dims, or None when any is dynamic."""
+        if not self.output_shape or len(self.output_shape) != self.rank + 2:
+            return None
+        dims = self.output_shape[2:]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        return int(math.prod(dims))  # type: ignore[arg-type]
+
+    def macs_per_image(self) -> int | None:
+        """Multiply-accumulates of the grouped conv for one batch element."""
+        spatial = self.output_spatial_size()
+        if spatial is None:
+            return None
+        return spatial * self.c_out * self.cig * int(math.prod(self.kernel))
+
+    def emulation_intermediate_elements(self) -> int | None:
+        """Elements of the depthwise emulation's intermediate per image: Cig times the output."""
+        spatial = self.output_spatial_size()
+        if spatial is None:
+            return None
+        return spatial * self.c_in * self.cog
+
+
+def conv_attributes(node) -> dict:
+    """Conv attributes as plain Python values (lists of ints, strings, ints)."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def spec_from_conv(node, weight_shape: tuple[int, ...], dtype: np.dtype,
+                   input_shape=None, output_shape=None) -> ConvSpec:
+    """Build a ConvSpec from a Conv NodeProto and its weight's shape."""
+    attrs = conv_attributes(node)
+    group = int(attrs.get("group", 1))
+    c_out, cig = int(weight_shape[0]), int(weight_shape[1])
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", weight_shape[2:]))
+    rank = len(kernel)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    pads = attrs.get("pads")
+    return ConvSpec(
+        c_in=cig * group,
+        c_out=c_out,
+        group=group,
+        kernel=kernel,
+        strides=tuple(int(s) for s in attrs.get("strides", [1] * rank)),
+        dilations=tuple(int(d) for d in attrs.get("dilations", [1] * rank)),
+        pads=tuple(int(p) for p in pads) if pads is not None else (None if auto_pad not in ("NOTSET", "") else (0,) * (2 * rank)),
+        auto_pad=auto_pad or "NOTSET",
+        dtype=np.dtype(dtype).name,
+        input_shape=tuple(input_shape) if input_shape is not None else None,
+        output_shape=tuple(output_shape) if output_shape is not None else None,
+    )

@@ -1,0 +1,186 @@
+"""Load and save models: paths or ModelProtos, external data resolved safely, atomic writes.
+
+The only module that touches the file system for models.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from onnx import ModelProto, TensorProto
+
+from .errors import GconvError
+
+ModelSource = ModelProto | str | os.PathLike
+_TWO_GB = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the input that the output must keep."""
+
+    path: str | None
+    ir_version: int
+    opsets: dict[str, int]
+    external_data: bool
+
+
+def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model: initializers and Constant attributes, in subgraphs and functions too."""
+    def from_graph(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            yield from from_node(node)
+
+    def from_node(node):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from from_graph(attr.g)
+            for g in attr.graphs:
+                yield from from_graph(g)
+
+    yield from from_graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            yield from from_node(node)
+
+
+def _uses_external_data(model: ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model))
+
+
+def check_external_locations(model: ModelProto, base_dir: str) -> None:
+    """Refuse external-data locations that resolve outside `base_dir` (absolute, '..', symlinks)."""
+    base = os.path.realpath(base_dir)
+    for tensor in iter_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            raise GconvError(f"tensor '{tensor.name}' has external data without a location")
+        if os.path.isabs(location) or location.startswith(("\\", "/")):
+            raise GconvError(f"tensor '{tensor.name}': external data location '{location}' is absolute; refused")
+        target = os.path.realpath(os.path.join(base, location))
+        if os.path.commonpath([base, target]) != base:
+            raise GconvError(
+                f"tensor '{tensor.name}': external data location '{location}' resolves outside the model's folder; refused")
+        if not os.path.isfile(target):
+            raise GconvError(f"tensor '{tensor.name}': external data file '{location}' not found beside the model")
+
+
+def opsets_of(model: ModelProto) -> dict[str, int]:
+    return {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
+
+
+def load(src: ModelSource) -> tuple[ModelProto, ModelInfo]:
+    """Load a model from a path (with its external data) or copy a ModelProto; never alters `src`."""
+    if isinstance(src, ModelProto):
+        model = ModelProto()
+        model.CopyFrom(src)
+        had_external = _uses_external_data(model)
+        path = None
+    else:
+        path = os.fspath(src)
+        if not os.path.exists(path):
+            raise GconvError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise GconvError(f"{path}: is a directory, not an ONNX model")
+        if os.path.getsize(path) == 0:
+            raise GconvError(f"{path}: empty file, not an ONNX model")
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise GconvError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        if not model.HasField("graph") or model.ir_version == 0:
+            raise GconvError(f"{path}: not a valid ONNX model (no graph or IR version)")
+        had_external = _uses_external_data(model)
+        if had_external:
+            base_dir = os.path.dirname(os.path.abspath(path))
+            check_external_locations(model, base_dir)
+            try:
+                onnx.load_external_data_for_model(model, base_dir)
+            except Exception as exc:
+                raise GconvError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+    if not model.HasField("graph"):
+        raise GconvError("not a valid ONNX model (no graph)")
+    return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external)
+
+
+def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write `model` to `path` atomically: nothing appears at `path` unless the whole write succeeded.
+
+    External data (used when asked, or when the model exceeds protobuf's 2 GB limit) is written
+    beside `path` as `<name>.data` with a relative location.
+    """
+    path = os.fspath(path)
+    target_dir = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(target_dir):
+        raise GconvError(f"{path}: output folder does not exist")
+    if external_data is None:
+        external_data = _needs_external_data(model)
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=".gconv-", dir=target_dir)
+    except OSError as exc:
+        raise GconvError(f"{path}: cannot write to the output folder ({exc.strerror})") from None
+    try:
+        name = os.path.basename(path)
+        tmp_model = os.path.join(tmp_dir, name)
+        data_name = name + ".data"
+        if external_data:
+            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            _fsync(os.path.join(tmp_dir, data_name))
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString())
+        _fsync(tmp_model)
+        if external_data:
+            os.replace(os.path.join(tmp_dir, data_name), os.path.join(target_dir, data_name))
+        os.replace(tmp_model, path)
+        _fsync_dir(target_dir)
+    except OSError as exc:
+        raise GconvError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        for leftover in Path(tmp_dir).glob("*"):
+            leftover.unlink(missing_ok=True)
+        os.rmdir(tmp_dir)
+
+
+def _needs_external_data(model: ModelProto) -> bool:
+    total = 0
+    for tensor in iter_tensors(model):
+        total += len(tensor.raw_data)
+        if total > _TWO_GB - (64 << 20):  # leave room for the graph itself
+            return True
+    return False
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,382 @@
+"""Plan and apply rewrites: the only module that edits graphs.
+
+Per graph (subgraphs first, bottom-up): analyse once, decide per candidate, collect all edits,
+then rebuild the node list once and drop what became dead. Nothing outside the rewritten
+regions changes: names, value_info, metadata, IR version and opsets are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import GraphProto, ModelProto, NodeProto, helper
+
+from . import model_io
+from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
+from .geometry import ConvSpec
+from .graph import GraphIndex, NameGen, all_names, attr, default_opset, infer_shapes, outer_references, subgraphs
+from .lowering import conv_node, expand_weights, fuse_weights, int64_tensor, reduce_sum_node, tensor
+
+Direction = Literal["auto", "expand", "fuse"]
+DIRECTIONS = ("auto", "expand", "fuse")
+
+
+@dataclass
+class Decision:
+    """What happened to one candidate node, and why."""
+
+    node: str
+    kind: str  # "grouped_conv" (a native grouped Conv) | "emulation" (a depthwise Conv + channel sums)
+    action: str  # "expanded" | "fused" | "kept" | "skipped"
+    computes: str  # what the node or region computes
+    reason: str
+    spec: ConvSpec | None = None
+    graph: str = "main"
+    nodes_removed: int = 0
+    nodes_added: int = 0
+
+    def line(self) -> str:
+        """One human-readable line for the terminal."""
+        where = "" if self.graph == "main" else f" [{self.graph}]"
+        text = f"{self.action:<8} {self.node}{where}: {self.computes}"
+        if self.action in ("expanded", "fused"):
+            text += f" ({self.nodes_removed} -> {self.nodes_added} nodes)"
+        if self.reason:
+            text += f" - {self.reason}"
+        return text
+
+
+@dataclass
+class RewriteResult:
+    """The rewritten model, one Decision per candidate, and (when run) the verification report."""
+
+    model: ModelProto
+    decisions: list[Decision]
+    direction: str
+    source: model_io.ModelInfo
+    verification: object | None = None  # verify.VerifyReport
+
+    @property
+    def changed(self) -> bool:
+        return any(d.action in ("expanded", "fused") for d in self.decisions)
+
+    def count(self, action: str) -> int:
+        return sum(d.action == action for d in self.decisions)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model atomically; external data beside it if the input had some or it exceeds 2 GB."""
+        model_io.save(self.model, path, external_data=self.source.external_data or None)
+
+
+def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Decision]:
+    """Rewrite `model` in place (callers pass their own copy) and return the decisions."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    shapes = infer_shapes(model)
+    names = NameGen(all_names(model))
+    opset = default_opset(model)
+    decisions: list[Decision] = []
+    _rewrite_graph(model.graph, shapes, opset, None, "main", direction, names, decisions)
+    for fn in model.functions:
+        for node in fn.node:
+            if node.op_type == "Conv" and attr(node, "group", 1) > 1:
+                decisions.append(Decision(node_label(node), "grouped_conv", "skipped", "Conv inside a function",
+                                          "model-local functions are not rewritten (no shapes or constant weights of their own)",
+                                          graph=f"function {fn.name}"))
+    return decisions
+
+
+def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | None, path: str,
+                   direction: str, names: NameGen, decisions: list[Decision]) -> None:
+    ix = GraphIndex(graph, shapes, opset, outer, path)
+    nested = [(node, sub) for node in graph.node for sub in subgraphs(node)]
+    for node, sub in nested:
+        _rewrite_graph(sub, shapes, opset, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}",
+                       direction, names, decisions)
+    if nested:
+        ix = GraphIndex(graph, shapes, opset, outer, path)
+    edit = _Edit()
+    for cand in analyse(ix):
+        decision = _decide(cand, direction)
+        decision.graph = path
+        if decision.action == "expanded":
+            _expand(ix, cand, names, edit, decision)
+        elif decision.action == "fused":
+            _fuse(ix, cand, names, edit, decision)
+        decisions.append(decision)
+    if edit:
+        edit.commit(ix)
+
+
+def _decide(cand, direction: str) -> Decision:
+    if isinstance(cand, Skip):
+        return Decision(node_label(cand.node), cand.kind, "skipped",
+                        "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
+                        cand.reason, cand.spec)
+    if isinstance(cand, NativeGrouped):
+        computes = f"grouped Conv {cand.spec.describe()}"
+        if direction == "expand":
+            return Decision(node_label(cand.node), "grouped_conv", "expanded", computes,
+                            "to depthwise Conv + Reshape + ReduceSum + Reshape", cand.spec)
+        why = ("direction=fuse keeps native grouped Convs" if direction == "fuse"
+               else "native grouped Conv is the fastest form on onnxruntime CPU")
+        return Decision(node_label(cand.node), "grouped_conv", "kept", computes, why, cand.spec)
+    computes = f"emulation of a {cand.grouping.describe()}"
+    if direction == "expand":
+        return Decision(node_label(cand.dw), "emulation", "kept", computes, "direction=expand keeps emulations", cand.spec)
+    return Decision(node_label(cand.dw), "emulation", "fused", computes, "", cand.spec)
+
+
+# -- edits ---------------------------------------------------------------------------------------
+
+class _Edit:
+    """Edits to one graph, applied together: node replacements, removals and new initializers."""
+
+    def __init__(self):
+        self.replace: dict[int, list[NodeProto]] = {}
+        self.remove: set[int] = set()
+        self.initializers: list[onnx.TensorProto] = []
+
+    def __bool__(self):
+        return bool(self.replace or self.remove)
+
+    def busy(self, node: NodeProto) -> bool:
+        return id(node) in self.replace or id(node) in self.remove
+
+    def commit(self, ix: GraphIndex) -> None:
+        graph = ix.graph
+        planned: list[NodeProto] = []
+        seeds: list[str] = []
+        for node in graph.node:
+            key = id(node)
+            if key in self.replace or key in self.remove:
+                seeds.extend(n for n in node.input if n)
+                planned.extend(self.replace.get(key, ()))
+            else:
+                planned.append(node)
+        init_names = {t.name for t in graph.initializer} | {t.name for t in self.initializers}
+        kept, dead_inits = _dead_code_elimination(planned, seeds, ix.graph_outputs, init_names, ix.graph_inputs)
+        graph.ClearField("node")
+        graph.node.extend(kept)
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name in dead_inits:
+                del graph.initializer[i]
+        graph.initializer.extend(t for t in self.initializers if t.name not in dead_inits)
+        live = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | init_names
+        if any(vi.name not in live for vi in graph.value_info):
+            keep_vi = [vi for vi in graph.value_info if vi.name in live]
+            graph.ClearField("value_info")
+            graph.value_info.extend(keep_vi)
+
+
+def _dead_code_elimination(nodes: list[NodeProto], seeds: list[str], outputs: set[str], initializers: set[str],
+                           graph_inputs: set[str]) -> tuple[list[NodeProto], set[str]]:
+    """Drop nodes and initializers that the edit left without consumers, starting from `seeds` only."""
+    uses: dict[str, int] = {}
+    producer: dict[str, NodeProto] = {}
+    for node in nodes:
+        for name in set(node.input) | set().union(*(outer_references(g) for g in subgraphs(node))):
+            if name:
+                uses[name] = uses.get(name, 0) + 1
+        for out in node.output:
+            producer[out] = node
+    dead_nodes: set[int] = set()
+    dead_inits: set[str] = set()
+    work = list(seeds)
+    while work:
+        name = work.pop()
+        if uses.get(name, 0) or name in outputs:
+            continue
+        node = producer.get(name)
+        if node is not None:
+            if id(node) in dead_nodes or any(uses.get(o, 0) or o in outputs for o in node.output if o):
+                continue
+            dead_nodes.add(id(node))
+            for inp in set(node.input):
+                if inp:
+                    uses[inp] -= 1
+                    work.append(inp)
+        elif name in initializers and name not in graph_inputs:
+            dead_inits.add(name)
+    return [n for n in nodes if id(n) not in dead_nodes], dead_inits
+
+
+def _expand(ix: GraphIndex, cand: NativeGrouped, names: NameGen, edit: _Edit, decision: Decision) -> None:
+    node, spec = cand.node, cand.spec
+    g, cig, cog, rank = spec.group, spec.cig, spec.cog, spec.rank
+    base = node.name or node.output[0]
+    depthwise, dw_bias = expand_weights(cand.weight, cand.bias, g)
+    w_name = names(f"{base}.dw_weight")
+    inits = [tensor(w_name, depthwise)]
+    inputs = [node.input[0], w_name]
+    if dw_bias is not None:
+        b_name = names(f"{base}.dw_bias")
+        inits.append(tensor(b_name, dw_bias))
+        inputs.append(b_name)
+    dw_out = names(f"{base}.dw_out")
+    new = [conv_node(node, inputs, dw_out, spec.c_in, node.name or names(f"{base}/dw"))]
+    out_shape = ix.shape(node.output[0])
+    spatial = list(out_shape[2:]) if out_shape is not None and len(out_shape) == rank + 2 else None
+    head5, head_out = [0, g, cig, cog], [0, spec.c_out]
+    if spatial is not None and all(isinstance(d, int) and d > 0 for d in spatial):
+        shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
+        inits += [int64_tensor(shape_a, head5 + spatial), int64_tensor(shape_b, head_out + spatial)]
+    else:  # dynamic spatial dims: read them from the depthwise output at run time
+        dims, sp = names(f"{base}.dw_shape"), names(f"{base}.spatial")
+        idx, h5, ho = names(f"{base}.spatial_axes"), names(f"{base}.head_grouped"), names(f"{base}.head_out")
+        shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
+        inits += [int64_tensor(idx, list(range(2, 2 + rank))), int64_tensor(h5, head5), int64_tensor(ho, head_out)]
+        new += [helper.make_node("Shape", [dw_out], [dims], name=names(f"{base}/shape")),
+                helper.make_node("Gather", [dims, idx], [sp], name=names(f"{base}/spatial"), axis=0),
+                helper.make_node("Concat", [h5, sp], [shape_a], name=names(f"{base}/grouped_shape"), axis=0),
+                helper.make_node("Concat", [ho, sp], [shape_b], name=names(f"{base}/out_shape"), axis=0)]
+    grouped, summed = names(f"{base}.grouped"), names(f"{base}.summed")
+    reduce, reduce_inits = reduce_sum_node(grouped, [2], summed, names(f"{base}/reduce_sum"), ix.opset,
+                                           names(f"{base}.reduce_axes"))
+    new += [helper.make_node("Reshape", [dw_out, shape_a], [grouped], name=names(f"{base}/reshape_grouped")),
+            reduce,
+            helper.make_node("Reshape", [summed, shape_b], [node.output[0]], name=names(f"{base}/reshape_out"))]
+    edit.replace[id(node)] = new
+    edit.initializers += inits + reduce_inits
+    decision.nodes_removed, decision.nodes_added = 1, len(new)
+
+
+def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision: Decision) -> None:
+    dw, grouping, cmap = cand.dw, cand.grouping, cand.cmap
+    base = dw.name or dw.output[0]
+    multiplier = cand.dw_weight.shape[0] // grouping.c_in
+    weight, bias = fuse_weights(grouping, cmap, cand.dw_weight, cand.dw_bias, multiplier)
+    new: list[NodeProto] = []
+    conv_in = dw.input[0]
+    if grouping.in_perm is not None:
+        if _fold_input_permutation(ix, conv_in, grouping.in_perm, names, edit, dw):
+            decision.reason = "input permutation folded into the producing Conv"
+        else:
+            perm_name, conv_in = names(f"{base}.in_perm"), names(f"{base}.permuted_input")
+            edit.initializers.append(int64_tensor(perm_name, grouping.in_perm))
+            new.append(helper.make_node("Gather", [dw.input[0], perm_name], [conv_in], name=names(f"{base}/permute_in"), axis=1))
+            decision.reason = "input permutation applied with a Gather"
+    w_name = names(f"{base}.weight")
+    edit.initializers.append(tensor(w_name, weight))
+    inputs = [conv_in, w_name]
+    if bias is not None:
+        b_name = names(f"{base}.bias")
+        edit.initializers.append(tensor(b_name, bias))
+        inputs.append(b_name)
+    needs_tail = grouping.out_order is not None or cmap.layout == "NLC"
+    conv_out = names(f"{base}.out") if needs_tail else cand.output
+    new.append(conv_node(dw, inputs, conv_out, grouping.group, dw.name or names(f"{base}/grouped")))
+    current = conv_out
+    if grouping.out_order is not None:
+        inv = np.empty_like(grouping.out_order)
+        inv[grouping.out_order] = np.arange(len(inv))
+        idx_name = names(f"{base}.out_perm")
+        nxt = cand.output if cmap.layout == "NC" else names(f"{base}.out_permuted")
+        edit.initializers.append(int64_tensor(idx_name, inv))
+        new.append(helper.make_node("Gather", [current, idx_name], [nxt], name=names(f"{base}/permute_out"), axis=1))
+        current = nxt
+        decision.reason = (decision.reason + "; " if decision.reason else "") + "output permutation applied with a Gather"
+    if cmap.layout == "NLC":
+        rank = len(cand.dw_weight.shape)
+        new.append(helper.make_node("Transpose", [current], [cand.output], name=names(f"{base}/to_channels_last"),
+                                    perm=[0] + list(range(2, rank)) + [1]))
+    edit.replace[id(cand.nodes[-1])] = new
+    edit.remove.update(id(n) for n in cand.nodes[:-1])
+    edit.remove.add(id(dw))
+    decision.nodes_removed, decision.nodes_added = len(cand.nodes) + 1, len(new)
+
+
+_ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
+                          "Softplus", "Identity", "Neg", "Abs", "Clip", "Gelu", "Mish", "PRelu"})
+
+
+def _fold_input_permutation(ix: GraphIndex, x: str, perm: np.ndarray, names: NameGen, edit: _Edit,
+                            reader: NodeProto) -> bool:
+    """Permute the channels of `x` at their source: walk up single-consumer per-channel ops to a
+    group=1 Conv, permuting its output channels and every per-channel parameter on the way."""
+    planned: dict[int, NodeProto] = {}
+    inits = []
+    name, consumer = x, reader
+    for _ in range(32):
+        users = ix.consumers.get(name, [])
+        node = ix.producer.get(name)
+        if (node is None or len(users) != 1 or users[0] is not consumer or ix.is_output(name)
+                or edit.busy(node) or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1):
+            return False
+        op = node.op_type
+        if op in _ELEMENTWISE:
+            if op == "PRelu":
+                if not _permute_params(ix, node, [1], perm, names, planned, inits, per_channel=True):
+                    return False
+            elif op == "Clip" and any(n and not ix.is_constant(n) for n in node.input[1:]):
+                return False
+            name, consumer = node.input[0], node
+            continue
+        if op == "BatchNormalization":
+            if not _permute_params(ix, node, [1, 2, 3, 4], perm, names, planned, inits, per_channel=False):
+                return False
+            name, consumer = node.input[0], node
+            continue
+        if op in ("Add", "Mul", "Sub", "Div") and len(node.input) == 2:
+            const = [i for i in (0, 1) if ix.is_constant(node.input[i])]
+            if len(const) != 1:  # elementwise either way round, so only the constant moves
+                return False
+            if not _permute_params(ix, node, const, perm, names, planned, inits, per_channel=True):
+                return False
+            name, consumer = node.input[1 - const[0]], node
+            continue
+        if op == "Conv" and attr(node, "group", 1) == 1 and ix.is_constant(node.input[1]):
+            if len(node.input) > 2 and node.input[2] and not ix.is_constant(node.input[2]):
+                return False
+            if not _permute_params(ix, node, [1, 2], perm, names, planned, inits, per_channel=False):
+                return False
+            for key, new in planned.items():
+                edit.replace[key] = [new]
+            edit.initializers += inits
+            return True
+        return False
+    return False
+
+
+def _permute_params(ix, node, positions, perm, names, planned, inits, per_channel: bool) -> bool:
+    """Replace `node`'s constant inputs at `positions` by copies permuted along the channel axis.
+
+    per_channel: the constant broadcasts against an NC... tensor (axis = its rank - (data rank - 1));
+    otherwise the channel axis is 0 (Conv weight/bias, BatchNormalization parameters).
+    """
+    new = planned.get(id(node))
+    if new is None:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+    c = len(perm)
+    data_rank = None
+    shape = ix.shape(node.output[0])
+    if shape is not None:
+        data_rank = len(shape)
+    for pos in positions:
+        if pos >= len(node.input) or not node.input[pos]:
+            continue
+        value = ix.constant(node.input[pos])
+        if value is None:
+            return False
+        if per_channel:
+            if value.size == 1:
+                continue
+            if data_rank is None:
+                return False
+            axis = value.ndim - (data_rank - 1)
+            if axis < 0 or value.shape[axis] != c or any(d != 1 for i, d in enumerate(value.shape) if i != axis):
+                return False
+        else:
+            axis = 0
+            if value.ndim == 0 or value.shape[0] != c:
+                return False
+        new_name = names(f"{node.input[pos]}.permuted")
+        inits.append(tensor(new_name, np.take(value, perm, axis=axis)))
+        new.input[pos] = new_name
+    planned[id(node)] = new
+    return True
