@@ -80,7 +80,8 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         wdims = ix.constant_dims(node.input[1])
         if wdims is None:
             if group > 1:
-                found.append(Skip(node, "grouped_conv", "weight is not a constant (initializer or Constant node)"))
+                found.append(Skip(node, "grouped_conv",
+                                  "weight is not a constant (initializer or Constant node): channel count and kernels unknown"))
             continue
         if len(wdims) < 3:
             continue
@@ -129,7 +130,7 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
         return Skip(dw, "emulation", f"weight dtype {weight.dtype} is not floating point")
     region, boundary = _grow_region(ix, y0)
     if not region:
-        return None
+        return Skip(dw, "emulation", boundary) if boundary else None
     probe, symbols = _probe_shape(ix, dw, weight.shape)
     if probe is None:
         return Skip(dw, "emulation", "unknown channel count or rank of the depthwise output")

@@ -1,0 +1,121 @@
+"""Near-misses are left untouched, each with the precise reason it was refused."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import gconv_rewrite as gr
+
+from conftest import op_counts, run_ort
+
+C, M, G, H = 8, 2, 4, 5  # depthwise over 8 channels, multiplier 2; a grouped conv would have 4 groups
+
+
+def model_with(nodes, inits, outputs=("y",), inputs=(("x", [1, C, H, H]),)):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def dw_inits():
+    rng = np.random.default_rng(0)
+    return {"w": rng.standard_normal((C * M, 1, 3, 3)).astype(np.float32)}
+
+
+def dw_node():
+    return helper.make_node("Conv", ["x", "w"], ["d"], name="dw", group=C, pads=[1, 1, 1, 1])
+
+
+def only_decision(model):
+    result = gr.rewrite(model, "fuse", verify_result=False)
+    assert len(result.decisions) == 1, [d.line() for d in result.decisions]
+    decision = result.decisions[0]
+    assert result.model.SerializeToString() == model.SerializeToString()  # untouched
+    return decision
+
+
+def test_sum_over_a_spatial_axis():
+    inits = {**dw_inits(), "ax": np.array([3], np.int64)}
+    model = model_with([dw_node(), helper.make_node("ReduceSum", ["d", "ax"], ["y"], keepdims=1)], inits)
+    d = only_decision(model)
+    assert d.action == "skipped" and "does not keep the conv's batch and spatial dims" in d.reason
+
+
+def test_sum_over_a_spatial_axis_then_broadcast_back():
+    # Keeps the shape but sums positions: the map check must catch it, not the shape check.
+    inits = {**dw_inits(), "ax": np.array([3], np.int64), "z": np.zeros((1, 1, 1, H), np.float32)}
+    model = model_with([dw_node(), helper.make_node("ReduceSum", ["d", "ax"], ["s"], keepdims=1),
+                        helper.make_node("Add", ["s", "z"], ["y"])], inits)
+    d = only_decision(model)
+    assert d.action == "skipped" and "mixes batch or spatial positions with channels" in d.reason
+
+
+def test_non_constant_weight():
+    model = model_with([helper.make_node("Conv", ["x", "wx"], ["y"], name="gc", group=G)], {},
+                       inputs=(("x", [1, C, H, H]), ("wx", [C, C // G, 3, 3])))
+    d = only_decision(model)
+    assert d.kind == "grouped_conv" and d.action == "skipped"
+    assert "weight is not a constant" in d.reason and "channel count" in d.reason
+
+
+def test_reshape_target_not_computable():
+    model = model_with([dw_node(), helper.make_node("Reshape", ["d", "shape"], ["y"])], dw_inits(),
+                       inputs=(("x", [1, C, H, H]), ("shape", [6])))
+    d = only_decision(model)
+    assert d.action == "skipped" and "Reshape dw" not in d.reason and "non-constant parameters" in d.reason
+
+
+def test_reshape_that_mixes_channels_and_space():
+    # Transposing H next to the channels and then reshaping as if it were NCHW reinterprets rows as channels.
+    inits = {**dw_inits(), "s2": np.array([1, G, C // G, M, H, H], np.int64), "ax": np.array([2], np.int64),
+             "s3": np.array([1, G * M, H, H], np.int64)}
+    nodes = [dw_node(), helper.make_node("Transpose", ["d"], ["r1"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["r1", "s2"], ["r2"]),
+             helper.make_node("ReduceSum", ["r2", "ax"], ["r3"], keepdims=0), helper.make_node("Reshape", ["r3", "s3"], ["y"])]
+    d = only_decision(model_with(nodes, inits))
+    assert d.action == "skipped" and "mixes batch or spatial positions with channels" in d.reason
+
+
+def emulation_nodes(out="y"):
+    return [helper.make_node("Reshape", ["d", "s2"], ["r2"]),
+            helper.make_node("ReduceSum", ["r2", "ax"], ["r3"], keepdims=0),
+            helper.make_node("Reshape", ["r3", "s3"], [out])]
+
+
+def emulation_inits():
+    return {**dw_inits(), "s2": np.array([0, G, C // G, M, H, H], np.int64), "ax": np.array([2], np.int64),
+            "s3": np.array([0, G * M, H, H], np.int64)}
+
+
+def test_depthwise_output_with_another_consumer():
+    nodes = [dw_node()] + emulation_nodes() + [helper.make_node("Relu", ["d"], ["z"], name="side")]
+    d = only_decision(model_with(nodes, emulation_inits(), outputs=("y", "z")))
+    assert d.action == "skipped"
+    assert d.reason == "depthwise output feeds Relu side, which needs the unfused tensor"
+
+
+def test_depthwise_output_that_is_a_graph_output():
+    d = only_decision(model_with([dw_node()] + emulation_nodes(), emulation_inits(), outputs=("y", "d")))
+    assert d.action == "skipped" and "graph output" in d.reason
+
+
+def test_reshapes_that_compose_to_the_emulation_are_fused():
+    # Reshape -> Reshape is one reinterpretation of memory: [1,CM,H,W] -> [1,H,CM,W] -> [1,G,Cig,M,H,W]
+    # is the standard emulation however odd the middle shape looks.
+    inits = {**emulation_inits(), "s1": np.array([1, H, C * M, H], np.int64)}
+    nodes = [dw_node(), helper.make_node("Reshape", ["d", "s1"], ["r1"]),
+             helper.make_node("Reshape", ["r1", "s2"], ["r2"])] + emulation_nodes()[1:]
+    result = gr.rewrite(model_with(nodes, inits), "fuse", verify_result=False)
+    assert [d.action for d in result.decisions] == ["fused"]
+
+
+def test_the_same_emulation_without_the_extra_consumer_is_fused():
+    model = model_with([dw_node()] + emulation_nodes(), emulation_inits())
+    result = gr.rewrite(model, "fuse", verify_result=False)
+    assert [d.action for d in result.decisions] == ["fused"]
+    assert "grouped Conv G=4 (Cig=2, Cog=2)" in result.decisions[0].computes
+    x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    assert op_counts(result.model) == {"Conv": 1}
