@@ -1,0 +1,113 @@
+"""The command line, through click's runner and through the installed console script."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from gconv_rewrite.cli import main
+
+from conftest import FIXTURES, MODELS, op_counts
+
+SAMPLE = MODELS / "resnext_emulated_tf.onnx"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_rewrite_fuses_verifies_and_writes(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke(SAMPLE, "-o", out, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("fused ") == 2
+    assert "parity on cpu" in result.output and "PASS" in result.output
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert "ReduceSum" not in op_counts(model)
+
+
+def test_expand_direction_and_no_verify(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke(MODELS / "resnext_native.onnx", "-o", out, "--direction", "expand", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("expanded ") == 2 and "parity" not in result.output
+    assert op_counts(onnx.load(out))["ReduceSum"] == 2
+
+
+def test_skips_are_printed_with_their_reason(tmp_path):
+    result = invoke(FIXTURES / "torch_native_grouped.onnx", "-o", tmp_path / "o.onnx", "--direction", "fuse")
+    assert result.exit_code == 0
+    assert "kept     /conv2/Conv: grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3 - direction=fuse keeps" in result.output
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"),
+    (b"", "empty file"),
+    (b"\xff\x00garbage" * 10, "not a valid ONNX model"),
+    (SAMPLE.read_bytes()[:5000], "not a valid ONNX model"),
+], ids=["missing", "empty", "junk", "truncated"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "in.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out.onnx"
+    result = invoke(path, "-o", out)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_output_equal_to_input_needs_in_place(tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(SAMPLE, model)
+    before = model.read_bytes()
+    result = invoke(model, "-o", model)
+    assert result.exit_code == 2 and "--in-place" in result.output
+    assert model.read_bytes() == before
+    result = invoke(model, "-o", model, "--in-place", "--provider", "cpu")
+    assert result.exit_code == 0 and model.read_bytes() != before
+
+
+def test_cuda_where_it_does_not_work_is_an_error_not_a_cpu_run(tmp_path):
+    from gconv_rewrite.runtime import _cuda_problem
+    if not _cuda_problem():
+        pytest.skip("this machine has a working CUDA provider")  # CI has none: the branch below runs there
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--provider", "cuda")
+    assert result.exit_code == 2 and "--provider cuda:" in result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_verify_command_detects_a_different_model():
+    same = invoke("verify", SAMPLE, MODELS / "resnext_emulated_nchw.onnx", "--provider", "cpu")
+    assert same.exit_code == 0 and "PASS" in same.output
+    wrong = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--provider", "cpu")
+    assert wrong.exit_code == 1 and "FAIL" in wrong.output
+
+
+def test_unresolved_symbolic_dims_name_the_dims(tmp_path):
+    model = FIXTURES / "keras215_block3_dynamic.onnx"
+    result = invoke(model, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "--input-shape input:" in result.output
+    ok = invoke(model, "-o", tmp_path / "o.onnx", "--input-shape", "input:2x8x8x32", "--provider", "cpu")
+    assert ok.exit_code == 0, ok.output
+    bad = invoke(model, "-o", tmp_path / "o.onnx", "--input-shape", "nope:2x8x8x32")
+    assert bad.exit_code == 2 and "unknown input 'nope'" in bad.output
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    exe = shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or shutil.which("gconv-rewrite")
+    assert exe, "the console script is installed with the package"
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([exe, str(SAMPLE), "-o", str(out), "--no-verify"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no onnxruntime log spill
+    assert out.exists()
+    proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", "missing.onnx", "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.onnx: no such file"

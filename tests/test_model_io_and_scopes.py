@@ -1,0 +1,158 @@
+"""Loading and saving (external data, unsafe locations, atomic writes), preservation of
+everything outside the rewritten regions, and convs inside subgraphs and functions."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import gconv_rewrite as gr
+from gconv_rewrite import model_io
+from gconv_rewrite.errors import GconvError
+
+from conftest import MODELS, op_counts, run_ort
+
+C, G, H = 8, 4, 6
+
+
+def conv_weight(seed, c_out=C, cig=C // G):
+    return np.random.default_rng(seed).standard_normal((c_out, cig, 3, 3)).astype(np.float32)
+
+
+def if_model():
+    """A grouped Conv inside each branch of an If, weights from the outer scope."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, H])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, H, H])
+
+    def branch(name, w):
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, C, H, H])
+        return helper.make_graph([helper.make_node("Conv", ["x", w], [f"{name}_y"], name=f"{name}_conv", group=G,
+                                                   pads=[1, 1, 1, 1])], name, [], [out])
+
+    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then", "w1"),
+                            else_branch=branch("else", "w2"))
+    graph = helper.make_graph([node], "g", [x, cond], [y], [numpy_helper.from_array(conv_weight(1), "w1"),
+                                                             numpy_helper.from_array(conv_weight(2), "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_grouped_convs_inside_if_branches_are_rewritten_both_ways():
+    model = if_model()
+    expanded = gr.rewrite(model, "expand", verify_result=False)
+    assert sorted((d.action, d.graph) for d in expanded.decisions) == [
+        ("expanded", "main/if/else"), ("expanded", "main/if/then")]
+    onnx.checker.check_model(expanded.model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, C, H, H)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run_ort(expanded.model, feed)["y"], run_ort(model, feed)["y"], rtol=1e-5, atol=1e-5)
+    back = gr.rewrite(expanded.model, "fuse", verify_result=False)
+    assert [d.action for d in back.decisions] == ["fused", "fused"]
+    for branch in back.model.graph.node[0].attribute:
+        assert [n.op_type for n in branch.g.node] == ["Conv"]
+    assert back.model.graph.initializer[0].name == "w1"  # outer weights still there, unchanged
+
+
+def test_grouped_conv_in_a_function_is_reported_not_rewritten():
+    fn = helper.make_function("local", "f", ["x", "w"], ["y"],
+                              [helper.make_node("Conv", ["x", "w"], ["y"], group=G)],
+                              [helper.make_opsetid("", 17)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, H])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("f", ["x", "w"], ["y"], domain="local")], "g", [x], [y],
+                              [numpy_helper.from_array(conv_weight(1), "w")])
+    model = helper.make_model(graph, functions=[fn], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    result = gr.rewrite(model, "expand", verify_result=False)
+    assert [d.action for d in result.decisions] == ["skipped"]
+    assert "functions are not rewritten" in result.decisions[0].reason
+
+
+def test_everything_outside_the_region_is_preserved():
+    model = onnx.load(MODELS / "resnext_emulated_tf.onnx")
+    onnx.helper.set_model_props(model, {"author": "me", "license": "x"})
+    model.doc_string = "doc"
+    model.graph.doc_string = "graph doc"
+    result = gr.rewrite(model, "fuse", verify_result=False).model
+    assert result.ir_version == model.ir_version and list(result.opset_import) == list(model.opset_import)
+    assert {p.key: p.value for p in result.metadata_props} == {"author": "me", "license": "x"}
+    assert (result.doc_string, result.graph.doc_string) == ("doc", "graph doc")
+    assert [i.SerializeToString() for i in result.graph.input] == [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in result.graph.output] == [o.SerializeToString() for o in model.graph.output]
+    untouched = {n.name: n.SerializeToString() for n in model.graph.node if n.op_type in ("Relu", "BatchNormalization", "Add")}
+    after = {n.name: n.SerializeToString() for n in result.graph.node if n.name in untouched}
+    assert after == untouched
+
+
+def test_input_model_proto_is_never_modified():
+    model = onnx.load(MODELS / "resnext_emulated_nchw.onnx")
+    before = model.SerializeToString()
+    gr.rewrite(model, "fuse", verify_result=True, provider="cpu")
+    gr.rewrite(model, "expand", verify_result=False)
+    assert model.SerializeToString() == before
+
+
+def test_external_data_round_trip(tmp_path):
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    src = tmp_path / "in" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    result = gr.rewrite(src, "expand", verify_result=True, provider="cpu")
+    assert result.verification.passed and result.source.external_data
+    out = tmp_path / "out" / "rewritten.onnx"
+    out.parent.mkdir()
+    result.save(out)
+    assert sorted(os.listdir(out.parent)) == ["rewritten.onnx", "rewritten.onnx.data"]
+    reloaded = onnx.load(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    assert op_counts(reloaded)["ReduceSum"] == 2
+
+
+@pytest.mark.parametrize("location", ["../escape.bin", "/etc/passwd", "sub/../../escape.bin"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, location):
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(GconvError, match="refused"):
+        model_io.load(path)
+
+
+def test_external_data_symlink_escaping_the_folder_is_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 64)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "w.bin").symlink_to(secret)
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "w.bin"
+    (folder / "m.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(GconvError, match="outside the model's folder"):
+        model_io.load(folder / "m.onnx")
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous content")
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(GconvError, match="No space left"):
+        model_io.save(model, out)
+    assert out.read_bytes() == b"previous content"
+    assert os.listdir(tmp_path) == ["out.onnx"]
