@@ -322,41 +322,56 @@ def _cut_output(node: NodeProto, ix: GraphIndex) -> str:
 
 
 def _trace(ix: GraphIndex, y0: str, probe, symbols, region, cuts) -> tuple[int, ChannelMap] | str:
-    """Propagate indices through region[:last cut]; return the deepest cut that is a channel map."""
-    last = cuts[-1]
-    prefix = region[:last + 1]
-    in_prefix = {id(n) for n in prefix}
+    """The deepest cut whose traced content is a channel map that sums something, else the reason.
+
+    Cuts are tried deepest first; a shallower one costs another propagation, which only
+    happens when the deeper result is not a conv.
+    """
+    reason = ""
+    for cut in reversed(cuts):
+        try:
+            traced = _propagate_to(ix, y0, probe, symbols, region[:cut + 1])
+        except NotAChannelMove as exc:
+            reason = reason or str(exc)
+            continue
+        out = _cut_output(region[cut], ix)
+        try:
+            cmap = classify_output(traced, probe)
+        except NotAChannelMove as exc:
+            reason = reason or f"result '{out}': {exc}"
+            continue
+        if cmap.terms.shape[1] < 2:
+            reason = reason or f"result '{out}' sums no channels (a plain depthwise Conv)"
+            continue
+        return cut, cmap
+    return reason
+
+
+def _propagate_to(ix: GraphIndex, y0: str, probe, symbols, prefix: list[NodeProto]) -> Traced:
+    """Trace y0 through `prefix`, freeing each index array after its last use; returns the last output."""
     last_use = {}
     for i, node in enumerate(prefix):
         for name in node.input:
             last_use[name] = i
-    cut_set = set(cuts)
     traced: dict[str, Traced] = {y0: source(probe)}
     shapes = {y0: probe}
     ev = ShapeEval(ix, shapes, symbols)
-    best: tuple[int, ChannelMap] | None = None
-    reason = ""
+    out = None
     for i, node in enumerate(prefix):
         ins = [traced.get(n) if n else None for n in node.input]
         values = [None if (t is not None or not n) else ev.value(n) for n, t in zip(node.input, ins)]
         try:
             outs = propagate(node, ins, values, ix.opset)
         except NotAChannelMove as exc:
-            return f"{node.op_type} {node_label(node)}: {exc}" if best is None else best
+            raise NotAChannelMove(f"{node.op_type} {node_label(node)}: {exc}") from None
+        del ins
+        for name in set(node.input):
+            if last_use.get(name) == i:
+                traced.pop(name, None)
         for name, t in zip(node.output, outs):
             if name:
-                traced[name] = t
                 shapes[name] = t.shape
-        for name in set(node.input):
-            if last_use.get(name) == i and name in traced:
-                del traced[name]
-        if i in cut_set:
-            out = _cut_output(node, ix)
-            try:
-                best = (i, classify_output(traced[out], probe))
-            except NotAChannelMove as exc:
-                reason = f"result '{out}': {exc}"
-        for name in node.output:
-            if name in traced and not any(id(c) in in_prefix for c in ix.consumers.get(name, ())):
-                del traced[name]
-    return best if best is not None else reason
+                if last_use.get(name, -1) > i:
+                    traced[name] = t
+        out = outs[[o for o in node.output].index(_cut_output(node, ix))] if i == len(prefix) - 1 else None
+    return out

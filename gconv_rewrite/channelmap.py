@@ -27,20 +27,28 @@ class NotAChannelMove(Exception):
     """The op (as configured) does not just move or sum elements; the message says why."""
 
 
-@dataclass
 class Traced:
-    """Index tensor of shape data_shape + (terms,), -1 marking an absent term; plus a constant part."""
+    """Index tensor(s) of shape data_shape + (terms,), -1 marking an absent term; plus a constant part.
 
-    idx: np.ndarray
-    bias: np.ndarray | None = None  # float64, shape == data_shape
+    A sum keeps its operands as separate `parts` (the terms of all parts add up) so that a chain
+    of Adds costs linear, not quadratic, time; `idx` concatenates them when an op needs one array.
+    """
+
+    __slots__ = ("parts", "bias")
+
+    def __init__(self, idx: np.ndarray | list[np.ndarray], bias: np.ndarray | None = None):
+        self.parts = list(idx) if isinstance(idx, list) else [idx]
+        self.bias = bias  # float64, shape == data_shape, or None
+
+    @property
+    def idx(self) -> np.ndarray:
+        if len(self.parts) > 1:
+            self.parts = [np.concatenate(self.parts, axis=-1)]
+        return self.parts[0]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.idx.shape[:-1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.idx.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.parts[0].shape[:-1]
 
 
 def source(shape: tuple[int, ...]) -> Traced:
@@ -209,10 +217,9 @@ def _slice_tuple(node: NodeProto, shape, ins, opset: int) -> tuple:
 
 
 def _move(t: Traced, fn) -> Traced:
-    """Apply a pure data-movement function (acting on arrays with a trailing terms axis)."""
-    idx = fn(t.idx)
+    """Apply a pure data-movement function (acting on arrays with a trailing terms axis) to every part."""
     bias = None if t.bias is None else fn(t.bias[..., None])[..., 0]
-    return Traced(idx, bias)
+    return Traced([fn(p) for p in t.parts], bias)
 
 
 def _axes_input(node: NodeProto, ins, ev_values, opset: int, attr_before: int):
@@ -245,7 +252,7 @@ def _full_bias(t: Traced, shape) -> np.ndarray:
 
 def _sum_traced(parts: list[Traced]) -> Traced:
     shape = np.broadcast_shapes(*(p.shape for p in parts))
-    idx = np.concatenate([np.broadcast_to(p.idx, shape + (p.idx.shape[-1],)) for p in parts], axis=-1)
+    idx = [np.broadcast_to(a, shape + (a.shape[-1],)) for p in parts for a in p.parts]
     biases = [p for p in parts if p.bias is not None]
     bias = None
     if biases:
@@ -257,7 +264,7 @@ def _sum_traced(parts: list[Traced]) -> Traced:
 
 def _add_constant(t: Traced, const: np.ndarray, sign: float) -> Traced:
     shape = np.broadcast_shapes(t.shape, const.shape)
-    idx = np.broadcast_to(t.idx, shape + (t.idx.shape[-1],))
+    idx = [np.broadcast_to(a, shape + (a.shape[-1],)) for a in t.parts]
     bias = _full_bias(t, shape) + sign * const.astype(np.float64)
     return Traced(idx, np.ascontiguousarray(np.broadcast_to(bias, shape)))
 
@@ -408,7 +415,7 @@ def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndar
         keep = [a for a in range(rank) if a not in axes]
         keepdims = attr(node, "keepdims", 1)
         kept_shape = tuple(1 if (a in axes) else x.shape[a] for a in range(rank)) if keepdims else tuple(x.shape[a] for a in keep)
-        idx = x.idx.transpose(keep + axes + [rank]).reshape(kept_shape + (-1,))
+        idx = [p.transpose(keep + axes + [rank]).reshape(kept_shape + (-1,)) for p in x.parts]
         bias = None
         if x.bias is not None:
             bias = x.bias.sum(axis=tuple(axes), keepdims=bool(keepdims))
@@ -469,20 +476,22 @@ def classify_output(t: Traced, source_shape: tuple[int, ...]) -> ChannelMap:
 def _read_map(idx, bias, n, channels, spatial, layout) -> ChannelMap:
     s_count = prod(spatial)
     out_c = idx.shape[1]
-    # Flat index of (batch b, channel 0, position p) in the source, laid out like idx.
-    b = np.arange(n, dtype=np.int64).reshape((n, 1) + (1,) * len(spatial) + (1,)) * (channels * s_count)
-    p = np.arange(s_count, dtype=np.int64).reshape((1, 1) + spatial + (1,))
-    diff = idx.astype(np.int64) - (b + p)
-    valid = idx >= 0
-    if np.any(valid & ((diff % s_count != 0) | (diff < 0) | (diff >= channels * s_count))):
-        raise NotAChannelMove("it mixes batch or spatial positions with channels")
-    chan = np.where(valid, diff // s_count, -1)
-    chan = np.sort(chan, axis=-1)
     corner = (slice(0, 1), slice(None)) + (slice(0, 1),) * len(spatial)
-    first = chan[corner]
-    if not np.array_equal(np.broadcast_to(first, chan.shape), chan):
-        raise NotAChannelMove("the channels summed differ between positions")
-    terms = first.reshape(out_c, -1)
+    first = idx[corner]  # terms of (batch 0, position 0): flat index = channel * s_count
+    valid = first >= 0
+    if np.any(valid & ((first % s_count != 0) | (first >= channels * s_count))):
+        raise NotAChannelMove("it mixes batch or spatial positions with channels")
+    # Flat index of (batch b, channel 0, position p) in the source, laid out like idx.
+    dtype = idx.dtype
+    base = (np.arange(n, dtype=dtype).reshape((n, 1) + (1,) * len(spatial) + (1,)) * (channels * s_count)
+            + np.arange(s_count, dtype=dtype).reshape((1, 1) + spatial + (1,)))
+    # Fast path: the same terms in the same order at every position (what data-movement ops give).
+    expected = np.where(valid, first + base, np.asarray(-1, dtype=dtype))
+    if not np.array_equal(expected, idx):
+        del expected
+        _check_positions_unordered(idx, base, channels, s_count, corner)
+    terms = np.where(valid, first // s_count, -1).reshape(out_c, -1).astype(np.int64)
+    terms = -np.sort(-terms, axis=1)  # present terms first
     keep = np.any(terms >= 0, axis=0)
     terms = terms[:, keep] if keep.any() else terms[:, :1]
     out_bias = None
@@ -491,4 +500,15 @@ def _read_map(idx, bias, n, channels, spatial, layout) -> ChannelMap:
         if not np.array_equal(np.broadcast_to(first_b, bias.shape), bias):
             raise NotAChannelMove("the added constant is not per-channel")
         out_bias = first_b.reshape(out_c)
-    return ChannelMap(terms=terms.astype(np.int64), bias=out_bias, layout=layout)
+    return ChannelMap(terms=terms, bias=out_bias, layout=layout)
+
+
+def _check_positions_unordered(idx, base, channels, s_count, corner) -> None:
+    """Slow path: terms may come in another order at other positions; compare them as sets."""
+    valid = idx >= 0
+    diff = idx.astype(np.int64) - base
+    if np.any(valid & ((diff % s_count != 0) | (diff < 0) | (diff >= channels * s_count))):
+        raise NotAChannelMove("it mixes batch or spatial positions with channels")
+    chan = np.sort(np.where(valid, diff // s_count, -1), axis=-1)
+    if not np.array_equal(np.broadcast_to(chan[corner], chan.shape), chan):
+        raise NotAChannelMove("the channels summed differ between positions")
