@@ -24,6 +24,8 @@ from .lowering import Grouping, NotFusable, solve_grouping
 _SHAPE_OPS = frozenset({"Shape", "Size", "Gather", "Cast", "Slice", "Concat", "Unsqueeze", "Squeeze",
                         "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min", "Reshape", "ReduceProd",
                         "Constant"})
+# Ops that sum or regroup channels: a depthwise Conv followed by none of them emulates nothing.
+_SUMMING_OPS = frozenset({"ReduceSum", "Add", "Sum", "Conv", "Reshape"})
 _MAX_TRACE_ELEMENTS = 1 << 27
 _BATCH_PROBE = 2
 _SPATIAL_PROBES = (5, 7, 11, 13, 17)
@@ -128,9 +130,11 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     multiplier = weight.shape[0] // c_in
     if weight.dtype.kind != "f":
         return Skip(dw, "emulation", f"weight dtype {weight.dtype} is not floating point")
-    region, boundary = _grow_region(ix, y0)
+    region, boundary, refused = _grow_region(ix, y0)
+    if not _SUMMING_OPS & ({n.op_type for n in region} | refused):
+        return None  # a plain depthwise Conv followed by, say, a Flatten: nothing emulated here
     if not region:
-        return Skip(dw, "emulation", boundary) if boundary else None
+        return Skip(dw, "emulation", boundary)
     probe, symbols = _probe_shape(ix, dw, weight.shape)
     if probe is None:
         return Skip(dw, "emulation", "unknown channel count or rank of the depthwise output")
@@ -161,9 +165,11 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     return Emulation(dw, spec, nodes, output, cmap, grouping, weight, dw_bias)
 
 
-def _grow_region(ix: GraphIndex, y0: str) -> tuple[list[NodeProto], str]:
-    """Nodes reachable from y0 through traceable ops whose other inputs are constant or shape-computed."""
+def _grow_region(ix: GraphIndex, y0: str) -> tuple[list[NodeProto], str, set[str]]:
+    """Nodes reachable from y0 through traceable ops whose other inputs are constant or shape-computed;
+    the first reason a traceable op was refused; the op types refused."""
     traced = {y0}
+    refused: set[str] = set()
     region: list[NodeProto] = []
     seen: set[int] = set()
     heap: list = []
@@ -182,13 +188,15 @@ def _grow_region(ix: GraphIndex, y0: str) -> tuple[list[NodeProto], str]:
         why = _region_refusal(ix, node, traced, shape_computable)
         if why is not None:
             boundary = boundary or why
+            if why:
+                refused.add(node.op_type)
             continue
         region.append(node)
         for out in node.output:
             if out:
                 traced.add(out)
                 push(out)
-    return region, boundary
+    return region, boundary, refused
 
 
 def _region_refusal(ix: GraphIndex, node: NodeProto, traced: set[str], memo: dict) -> str | None:
@@ -340,11 +348,17 @@ def _trace(ix: GraphIndex, y0: str, probe, symbols, region, cuts) -> tuple[int, 
         except NotAChannelMove as exc:
             reason = reason or f"result '{out}': {exc}"
             continue
-        if cmap.terms.shape[1] < 2:
-            reason = reason or f"result '{out}' sums no channels (a plain depthwise Conv)"
+        if _is_identity(cmap, probe[1]):
+            reason = reason or f"result '{out}' is the depthwise Conv's output itself (no channel summed): nothing to fuse"
             continue
         return cut, cmap
     return reason
+
+
+def _is_identity(cmap: ChannelMap, channels: int) -> bool:
+    terms = cmap.terms
+    return (cmap.bias is None and terms.shape == (channels, 1)
+            and np.array_equal(terms[:, 0], np.arange(channels)))
 
 
 def _propagate_to(ix: GraphIndex, y0: str, probe, symbols, prefix: list[NodeProto]) -> Traced:

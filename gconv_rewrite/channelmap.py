@@ -485,10 +485,9 @@ def _read_map(idx, bias, n, channels, spatial, layout) -> ChannelMap:
     dtype = idx.dtype
     base = (np.arange(n, dtype=dtype).reshape((n, 1) + (1,) * len(spatial) + (1,)) * (channels * s_count)
             + np.arange(s_count, dtype=dtype).reshape((1, 1) + spatial + (1,)))
-    # Fast path: the same terms in the same order at every position (what data-movement ops give).
-    expected = np.where(valid, first + base, np.asarray(-1, dtype=dtype))
-    if not np.array_equal(expected, idx):
-        del expected
+    # Fast path: the same terms in the same order at every position (what data-movement ops give):
+    # idx - base must equal the first position's terms everywhere. One subtraction, one comparison.
+    if not (valid.all() and np.array_equal(np.subtract(idx, base, dtype=dtype), np.broadcast_to(first, idx.shape))):
         _check_positions_unordered(idx, base, channels, s_count, corner)
     terms = np.where(valid, first // s_count, -1).reshape(out_c, -1).astype(np.int64)
     terms = -np.sort(-terms, axis=1)  # present terms first

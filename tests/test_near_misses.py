@@ -119,3 +119,47 @@ def test_the_same_emulation_without_the_extra_consumer_is_fused():
     x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
     np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
     assert op_counts(result.model) == {"Conv": 1}
+
+
+def test_constant_added_after_the_sum_and_depthwise_bias_are_folded():
+    inits = {**emulation_inits(), "b": np.random.default_rng(5).standard_normal(C * M).astype(np.float32),
+             "c": np.arange(G * M, dtype=np.float32).reshape(1, G * M, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["d"], name="dw", group=C, pads=[1, 1, 1, 1])]
+    nodes += emulation_nodes("s") + [helper.make_node("Add", ["c", "s"], ["y"])]
+    model = model_with(nodes, inits)
+    result = gr.rewrite(model, "fuse", verify_result=False)
+    assert [d.action for d in result.decisions] == ["fused"]
+    assert op_counts(result.model) == {"Conv": 1}
+    x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_input_permutation_without_a_foldable_producer_uses_a_gather():
+    # Interleaved groups (input channel c = i*G + g) read straight from a graph input.
+    cig = C // G
+    inits = {**dw_inits(), "s": np.array([0, cig, G * M, H, H], np.int64), "ax": np.array([1], np.int64)}
+    nodes = [dw_node(), helper.make_node("Reshape", ["d", "s"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "ax"], ["y"], keepdims=0)]
+    model = model_with(nodes, inits)
+    result = gr.rewrite(model, "fuse", verify_result=False)
+    (d,) = result.decisions
+    assert d.action == "fused" and "input-channel permutation" in d.computes
+    assert d.reason == "input permutation applied with a Gather"
+    assert op_counts(result.model) == {"Gather": 1, "Conv": 1}
+    x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_plain_depthwise_feeding_a_flatten_is_not_reported():
+    model = model_with([dw_node(), helper.make_node("Flatten", ["d"], ["y"])], dw_inits())
+    assert gr.rewrite(model, "fuse", verify_result=False).decisions == []
+
+
+def test_rewriting_twice_changes_nothing():
+    model = model_with([dw_node()] + emulation_nodes(), emulation_inits())
+    once = gr.rewrite(model, "auto", verify_result=False).model
+    twice = gr.rewrite(once, "auto", verify_result=False)
+    assert [d.action for d in twice.decisions] == ["kept"]
+    assert twice.model.SerializeToString() == once.SerializeToString()
+    again = gr.rewrite(model, "auto", verify_result=False).model
+    assert again.SerializeToString() == once.SerializeToString()  # deterministic
