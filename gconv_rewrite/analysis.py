@@ -9,6 +9,8 @@ is the one to fuse. Near-misses become `Skip`s with the precise reason.
 from __future__ import annotations
 
 import heapq
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 
@@ -73,9 +75,13 @@ def node_label(node: NodeProto) -> str:
 
 
 def analyse(ix: GraphIndex) -> list[Candidate]:
-    """All candidates of the graph, in graph order."""
-    found: list[Candidate] = []
-    for node in ix.graph.node:
+    """All candidates of the graph, in graph order.
+
+    Emulation regions are traced in parallel threads: numpy releases the GIL in the copies and
+    comparisons that dominate tracing.
+    """
+    found: list[Candidate | NodeProto] = []
+    for node in ix.nodes:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         group = attr(node, "group", 1)
@@ -91,10 +97,18 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         if 1 < group < c_in:
             found.append(_native(ix, node))
         elif group == c_in and c_in > 1 and any(n.op_type in TRACEABLE_OPS for n in ix.data_consumers(node.output[0])):
-            result = _emulation(ix, node)
-            if result is not None:
-                found.append(result)
-    return found
+            found.append(node)  # traced below
+    pending = [n for n in found if isinstance(n, NodeProto)]
+    if pending:
+        ix.shape(pending[0].output[0])  # run shape inference once, before the threads
+        workers = min(len(pending), os.cpu_count() or 1)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                traced = dict(zip(map(id, pending), pool.map(lambda n: _emulation(ix, n), pending)))
+        else:
+            traced = {id(n): _emulation(ix, n) for n in pending}
+        found = [traced[id(c)] if isinstance(c, NodeProto) else c for c in found]
+    return [c for c in found if c is not None]
 
 
 def _conv_spec(ix: GraphIndex, node: NodeProto, wdims, dtype) -> ConvSpec:

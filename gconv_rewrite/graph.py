@@ -45,30 +45,34 @@ def outer_references(graph: GraphProto) -> set[str]:
 class GraphIndex:
     """Producer/consumer maps, constants and (inferred) shapes of one graph."""
 
-    def __init__(self, graph: GraphProto, shapes: dict[str, Shape], opset: int,
+    def __init__(self, graph: GraphProto, shapes: "ShapeTable", opset: int,
                  outer: "GraphIndex | None" = None, path: str = "main"):
         self.graph = graph
         self.path = path
         self.opset = opset
         self.outer = outer
         self.shapes = shapes
+        self.nodes: list[NodeProto] = list(graph.node)
         self.position: dict[int, int] = {}
+        self.reads: dict[int, list[str]] = {}  # node -> every name it reads, subgraph references included
         self.producer: dict[str, NodeProto] = {}
         self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
-        for pos, node in enumerate(graph.node):
-            self.position[id(node)] = pos
+        consumers = self.consumers
+        for pos, node in enumerate(self.nodes):
+            key = id(node)
+            self.position[key] = pos
             for out in node.output:
-                if out:
-                    self.producer[out] = node
-            seen = set()
-            for inp in node.input:
-                if inp and inp not in seen:
-                    seen.add(inp)
-                    self.consumers[inp].append(node)
-            for g in subgraphs(node):
-                for ref in outer_references(g) - seen:
-                    seen.add(ref)
-                    self.consumers[ref].append(node)
+                self.producer[out] = node
+            reads = [n for n in node.input if n]
+            if node.attribute:
+                for g in subgraphs(node):
+                    reads.extend(outer_references(g))
+            if len(reads) > 1:
+                reads = list(dict.fromkeys(reads))
+            self.reads[key] = reads
+            for name in reads:
+                consumers[name].append(node)
+        self.producer.pop("", None)
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
@@ -122,6 +126,9 @@ class GraphIndex:
     def pos(self, node: NodeProto) -> int:
         return self.position[id(node)]
 
+    def outputs_of(self, key: int) -> list[str]:
+        return list(self.nodes[self.position[key]].output)
+
 
 def _constant_node_value(node: NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
@@ -145,12 +152,33 @@ def attr(node: NodeProto, name: str, default=None):
     return default
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Shapes of every value in the model (all graphs), from ONNX shape inference on a weightless copy.
+class ShapeTable:
+    """Shapes of the model's values (all graphs), inferred on first use.
 
-    Large initializers are replaced by typed graph inputs first, so inference costs little even
-    for multi-GB models; small ones (shape constants) keep their values for data propagation.
+    ONNX shape inference runs on a weightless copy (large initializers become typed graph
+    inputs), so it costs little even for multi-GB models; small initializers (shape constants)
+    keep their values for data propagation. Models without candidates never pay for it.
     """
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+        self._infos: dict[str, onnx.ValueInfoProto] | None = None
+        self._cache: dict[str, Shape | None] = {}
+        self._init_dims = {}
+
+    def get(self, name: str) -> Shape | None:
+        if name in self._cache:
+            return self._cache[name]
+        if self._infos is None:
+            self._infos = _inferred_value_infos(self._model)
+            self._model = None
+        vi = self._infos.get(name)
+        shape = _dims(vi) if vi is not None else None
+        self._cache[name] = shape
+        return shape
+
+
+def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     skeleton = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(skeleton, field, getattr(model, field))
@@ -168,36 +196,37 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
             g.initializer.append(init)
         elif init.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    shapes: dict[str, Shape] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:
+    except Exception:  # inference is a help, not a requirement: analysis falls back to probe sizes
         inferred = skeleton
-    _collect_shapes(inferred.graph, shapes)
-    for init in src.initializer:
-        shapes.setdefault(init.name, tuple(int(d) for d in init.dims))
-    return shapes
+    infos: dict[str, onnx.ValueInfoProto] = {}
+    _collect_value_infos(inferred.graph, infos)
+    return infos
 
 
-def _collect_shapes(graph: GraphProto, shapes: dict[str, Shape]) -> None:
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-            continue
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        shapes[vi.name] = tuple(dims)
-    for init in graph.initializer:
-        shapes.setdefault(init.name, tuple(int(d) for d in init.dims))
+def _collect_value_infos(graph: GraphProto, infos: dict) -> None:
+    for field in (graph.input, graph.output, graph.value_info):
+        for vi in field:
+            infos.setdefault(vi.name, vi)
     for node in graph.node:
-        for sub in subgraphs(node):
-            _collect_shapes(sub, shapes)
+        if node.attribute:
+            for sub in subgraphs(node):
+                _collect_value_infos(sub, infos)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
 
 
 def _num_elements(t: onnx.TensorProto) -> int:
@@ -225,21 +254,24 @@ def all_names(model: onnx.ModelProto) -> set[str]:
         for node in graph.node:
             names.add(node.name)
             names.update(node.output)
-            names.update(node.input)
-            for sub in subgraphs(node):
-                visit(sub)
+            if node.attribute:
+                for sub in subgraphs(node):
+                    visit(sub)
 
     visit(model.graph)
     return names
 
 
 class NameGen:
-    """Fresh, readable names that clash with nothing in the model."""
+    """Fresh, readable names that clash with nothing in the model (collected on first use)."""
 
-    def __init__(self, taken: Iterable[str]):
-        self.taken = set(taken)
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+        self.taken: set[str] | None = None
 
     def __call__(self, base: str) -> str:
+        if self.taken is None:
+            self.taken = all_names(self._model)
         name, i = base, 1
         while name in self.taken:
             i += 1

@@ -38,7 +38,8 @@ def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
             yield sparse.values
             yield sparse.indices
         for node in graph.node:
-            yield from from_node(node)
+            if node.attribute:
+                yield from from_node(node)
 
     def from_node(node):
         for attr in node.attribute:

@@ -18,7 +18,7 @@ from onnx import GraphProto, ModelProto, NodeProto, helper
 from . import model_io
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
 from .geometry import ConvSpec
-from .graph import GraphIndex, NameGen, all_names, attr, default_opset, infer_shapes, outer_references, subgraphs
+from .graph import GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .lowering import conv_node, expand_weights, fuse_weights, int64_tensor, reduce_sum_node, tensor
 
 Direction = Literal["auto", "expand", "fuse"]
@@ -76,8 +76,8 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Deci
     """Rewrite `model` in place (callers pass their own copy) and return the decisions."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-    shapes = infer_shapes(model)
-    names = NameGen(all_names(model))
+    shapes = ShapeTable(model)
+    names = NameGen(model)
     opset = default_opset(model)
     decisions: list[Decision] = []
     _rewrite_graph(model.graph, shapes, opset, None, "main", direction, names, decisions)
@@ -93,7 +93,7 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Deci
 def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | None, path: str,
                    direction: str, names: NameGen, decisions: list[Decision]) -> None:
     ix = GraphIndex(graph, shapes, opset, outer, path)
-    nested = [(node, sub) for node in graph.node for sub in subgraphs(node)]
+    nested = [(node, sub) for node in ix.nodes if node.attribute for sub in subgraphs(node)]
     for node, sub in nested:
         _rewrite_graph(sub, shapes, opset, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}",
                        direction, names, decisions)
@@ -150,59 +150,87 @@ class _Edit:
     def commit(self, ix: GraphIndex) -> None:
         graph = ix.graph
         planned: list[NodeProto] = []
+        new_nodes: list[NodeProto] = []
         seeds: list[str] = []
-        for node in graph.node:
+        for node in ix.nodes:
             key = id(node)
             if key in self.replace or key in self.remove:
-                seeds.extend(n for n in node.input if n)
+                seeds.extend(ix.reads[key])
                 planned.extend(self.replace.get(key, ()))
+                new_nodes.extend(self.replace.get(key, ()))
             else:
                 planned.append(node)
-        init_names = {t.name for t in graph.initializer} | {t.name for t in self.initializers}
-        kept, dead_inits = _dead_code_elimination(planned, seeds, ix.graph_outputs, init_names, ix.graph_inputs)
+        dead = _Liveness(ix, self.replace.keys() | self.remove, new_nodes, {t.name for t in self.initializers})
+        dead.collect(seeds)
         graph.ClearField("node")
-        graph.node.extend(kept)
+        graph.node.extend(n for n in planned if id(n) not in dead.nodes)
         for i in reversed(range(len(graph.initializer))):
-            if graph.initializer[i].name in dead_inits:
+            if graph.initializer[i].name in dead.initializers:
                 del graph.initializer[i]
-        graph.initializer.extend(t for t in self.initializers if t.name not in dead_inits)
-        live = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | init_names
-        if any(vi.name not in live for vi in graph.value_info):
-            keep_vi = [vi for vi in graph.value_info if vi.name in live]
+        graph.initializer.extend(t for t in self.initializers if t.name not in dead.initializers)
+        gone = {o for key in self.remove | self.replace.keys() for o in ix.outputs_of(key)}
+        gone |= {o for key in dead.nodes if key in ix.position for o in ix.outputs_of(key)}
+        gone -= {o for n in new_nodes if id(n) not in dead.nodes for o in n.output}
+        if any(vi.name in gone for vi in graph.value_info):
+            keep_vi = [vi for vi in graph.value_info if vi.name not in gone]
             graph.ClearField("value_info")
             graph.value_info.extend(keep_vi)
 
 
-def _dead_code_elimination(nodes: list[NodeProto], seeds: list[str], outputs: set[str], initializers: set[str],
-                           graph_inputs: set[str]) -> tuple[list[NodeProto], set[str]]:
-    """Drop nodes and initializers that the edit left without consumers, starting from `seeds` only."""
-    uses: dict[str, int] = {}
-    producer: dict[str, NodeProto] = {}
-    for node in nodes:
-        for name in set(node.input) | set().union(*(outer_references(g) for g in subgraphs(node))):
-            if name:
-                uses[name] = uses.get(name, 0) + 1
-        for out in node.output:
-            producer[out] = node
-    dead_nodes: set[int] = set()
-    dead_inits: set[str] = set()
-    work = list(seeds)
-    while work:
-        name = work.pop()
-        if uses.get(name, 0) or name in outputs:
-            continue
-        node = producer.get(name)
-        if node is not None:
-            if id(node) in dead_nodes or any(uses.get(o, 0) or o in outputs for o in node.output if o):
+def _reads(node: NodeProto) -> list[str]:
+    names = [n for n in node.input if n]
+    if node.attribute:
+        for g in subgraphs(node):
+            names.extend(outer_references(g))
+    return list(dict.fromkeys(names))
+
+
+class _Liveness:
+    """Dead-code elimination after an edit, touching only what the edit orphaned (no full-graph pass).
+
+    A value is dead when no surviving node reads it and it is not a graph output; a node is dead
+    when all its outputs are; an initializer is dropped only when the edit orphaned it.
+    """
+
+    def __init__(self, ix: GraphIndex, replaced: set[int], new_nodes: list[NodeProto], new_inits: set[str]):
+        self.ix = ix
+        self.gone = set(replaced)  # old nodes no longer in the graph
+        self.new_reads: dict[str, int] = {}
+        self.new_producer: dict[str, NodeProto] = {}
+        self.reads_of: dict[int, list[str]] = {}
+        for node in new_nodes:
+            self.reads_of[id(node)] = _reads(node)
+            for name in self.reads_of[id(node)]:
+                self.new_reads[name] = self.new_reads.get(name, 0) + 1
+            for out in node.output:
+                self.new_producer[out] = node
+        self.initializer_names = set(ix.initializers) | new_inits
+        self.nodes: set[int] = set()
+        self.initializers: set[str] = set()
+
+    def _used(self, name: str) -> bool:
+        if name in self.ix.graph_outputs or self.new_reads.get(name, 0) > 0:
+            return True
+        return any(id(c) not in self.gone and id(c) not in self.nodes for c in self.ix.consumers.get(name, ()))
+
+    def collect(self, seeds: list[str]) -> None:
+        work = list(seeds)
+        while work:
+            name = work.pop()
+            if self._used(name):
                 continue
-            dead_nodes.add(id(node))
-            for inp in set(node.input):
-                if inp:
-                    uses[inp] -= 1
+            node = self.new_producer.get(name) or self.ix.producer.get(name)
+            if node is not None and (id(node) not in self.gone or name in self.new_producer):
+                key = id(node)
+                if key in self.nodes or any(self._used(o) for o in node.output if o):
+                    continue
+                self.nodes.add(key)
+                for inp in self.reads_of.get(key) or self.ix.reads.get(key, []):
+                    if key in self.reads_of:
+                        self.new_reads[inp] -= 1
                     work.append(inp)
-        elif name in initializers and name not in graph_inputs:
-            dead_inits.add(name)
-    return [n for n in nodes if id(n) not in dead_nodes], dead_inits
+            elif node is None and name in self.initializer_names and name not in self.ix.graph_inputs:
+                self.initializers.add(name)
 
 
 def _expand(ix: GraphIndex, cand: NativeGrouped, names: NameGen, edit: _Edit, decision: Decision) -> None:
