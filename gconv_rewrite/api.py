@@ -16,14 +16,16 @@ __all__ = ["rewrite", "verify", "RewriteResult", "VerifyReport"]
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, verify_result: bool = True,
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None) -> RewriteResult:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
+            tolerance: float | None = None, compare_all: bool = False, progress=None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
     grouped Conv into depthwise Conv + Reshape + ReduceSum + Reshape; "auto" picks per node
     (today: fuse emulations, keep native grouped Convs, the fastest form on onnxruntime CPU).
-    verify_result: compare original and rewritten outputs with onnxruntime on `provider`
-    (`result.verification`); skipped when nothing changed.
+    verify_result: prove the rewrite with onnxruntime on `provider` (`result.verification`):
+    parity of every output and, with `latency`, interleaved timing; skipped when nothing
+    changed. The other arguments are those of `verify`.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -36,5 +38,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, verify_result:
     result = RewriteResult(rewritten, decisions, direction, info)
     if verify_result and result.changed:
         result.verification = verify(original, rewritten, provider,
-                                     inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes)
+                                     inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
+                                     latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
+                                     progress=progress)
     return result

@@ -46,26 +46,63 @@ def main():
     """
 
 
+def _verify_options(fn):
+    """Options shared by the main command and `verify`."""
+    options = [
+        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+                     help="onnxruntime provider (auto: CUDA if it really runs here, else CPU)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                     help="Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
+        click.option("--inputs", "input_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
+                     metavar="FILE.npz", help="Input sample (arrays named after the graph inputs); repeatable."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
+        click.option("--tolerance", type=float, default=None,
+                     help="Override the limit on each output's error relative to its magnitude."),
+        click.option("--compare-all", is_flag=True, help="On a mismatch, name the first node whose outputs diverge."),
+        click.option("--no-latency", is_flag=True, help="Check parity only; do not time the models."),
+        click.option("--rounds", type=click.IntRange(3, 10000), default=20, show_default=True,
+                     help="Interleaved timing rounds."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds):
+    from .verify import load_inputs
+    return dict(provider=provider, input_shapes=_parse_shapes(input_shapes), seed=seed,
+                inputs=load_inputs(list(input_files)) if input_files else None, tolerance=tolerance,
+                compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing"))
+
+
+def _progress(label):
+    """A one-line progress counter on a terminal (stderr), nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def update(done, total):
+        click.echo(f"\r{label} {done}/{total}", err=True, nl=done == total)
+    return update
+
+
 @main.command("rewrite")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="auto", show_default=True,
               help="fuse: emulations -> one Conv; expand: grouped Conv -> depthwise emulation; auto: per node.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="onnxruntime provider for verification (auto: CUDA if it really runs, else CPU).")
-@click.option("--no-verify", is_flag=True, help="Do not compare the rewritten model with the original.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..", help="Resolve symbolic input dims for verification.")
-@click.option("--force", is_flag=True, help="Write OUT even when verification fails.")
+@click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
+@click.option("--force", is_flag=True, help="Write OUT even when parity fails.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
-def rewrite_cmd(model, output, direction, provider, no_verify, input_shapes, force, in_place):
-    """Rewrite MODEL and write OUT (verified with onnxruntime unless --no-verify)."""
-    _guard(lambda: _rewrite(model, output, direction, provider, no_verify, _parse_shapes(input_shapes), force, in_place))
+@_verify_options
+def rewrite_cmd(model, output, direction, no_verify, force, in_place, **verify_options):
+    """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify."""
+    _guard(lambda: _rewrite(model, output, direction, no_verify, force, in_place, verify_options))
 
 
-def _rewrite(model, output, direction, provider, no_verify, shapes, force, in_place):
+def _rewrite(model, output, direction, no_verify, force, in_place, verify_options):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
-    result = api.rewrite(model, direction, verify_result=not no_verify, provider=provider, input_shapes=shapes)
+    result = api.rewrite(model, direction, verify_result=not no_verify, **_verify_kwargs(**verify_options))
     for d in result.decisions:
         click.echo(d.line())
     counts = ", ".join(f"{result.count(a)} {a}" for a in ("fused", "expanded", "kept", "skipped"))
@@ -84,13 +121,13 @@ def _rewrite(model, output, direction, provider, no_verify, shapes, force, in_pl
 @main.command("verify")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..")
-@click.option("--seed", type=int, default=0, show_default=True)
-def verify_cmd(reference, candidate, provider, input_shapes, seed):
-    """Compare the outputs of two models on the same inputs (exit 1 on a mismatch)."""
+@_verify_options
+def verify_cmd(reference, candidate, **verify_options):
+    """Compare two models with the same inputs and outputs: parity of every output, and latency.
+
+    Exit 1 when an output differs beyond its tolerance."""
     def run():
-        report = api.verify(reference, candidate, provider, input_shapes=_parse_shapes(input_shapes), seed=seed)
+        report = api.verify(reference, candidate, **_verify_kwargs(**verify_options))
         for line in report.lines():
             click.echo(line)
         if not report.passed:

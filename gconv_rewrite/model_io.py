@@ -129,7 +129,7 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
     if not os.path.isdir(target_dir):
         raise GconvError(f"{path}: output folder does not exist")
     if external_data is None:
-        external_data = _needs_external_data(model)
+        external_data = needs_external_data(model)
     try:
         tmp_dir = tempfile.mkdtemp(prefix=".gconv-", dir=target_dir)
     except OSError as exc:
@@ -158,7 +158,8 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
         os.rmdir(tmp_dir)
 
 
-def _needs_external_data(model: ModelProto) -> bool:
+def needs_external_data(model: ModelProto) -> bool:
+    """True when the model is too big for one protobuf (2 GB)."""
     total = 0
     for tensor in iter_tensors(model):
         total += len(tensor.raw_data)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,27 +108,102 @@ def choose_provider(provider: str) -> ProviderChoice:
     return ProviderChoice("cuda", (_CUDA, _CPU), "auto: the CUDA provider works here")
 
 
-def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, threads: int | None = None,
-            allow_spinning: bool = True):
-    """An InferenceSession; models over 2 GB must be passed as paths."""
+# cuDNN settings used for every CUDA session, so that reports can state them.
+CUDNN_CONV_ALGO_SEARCH = "EXHAUSTIVE"
+
+
+def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinning: bool = False,
+            tf32: bool = False, profile: bool = False):
+    """An InferenceSession (models over 2 GB must be passed as paths).
+
+    Intra-op spinning is off by default: two sessions timed in one process otherwise steal
+    each other's cores. On CUDA, TF32 is off unless asked (fp32 parity needs it off).
+    """
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     if not allow_spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile:
+        opts.enable_profiling = True
+    providers: list = list(choice.ort_providers)
+    if choice.name == "cuda":
+        providers[0] = (_CUDA, {"cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH, "use_tf32": "1" if tf32 else "0"})
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
-        return ort.InferenceSession(source, opts, providers=list(choice.ort_providers))
+        return ort.InferenceSession(source, opts, providers=providers)
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise GconvError(f"onnxruntime cannot load the model: {text[0] if text else exc}") from None
 
 
+class Runner:
+    """Runs one session on one feed; on CUDA with inputs and outputs bound on the device (IO binding)."""
+
+    def __init__(self, sess, feed: dict[str, np.ndarray], choice: ProviderChoice):
+        self.sess = sess
+        self.feed = feed
+        self.binding = None
+        if choice.name == "cuda":
+            ort = _ort()
+            self.binding = sess.io_binding()
+            for name, value in feed.items():
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+            for out in sess.get_outputs():
+                self.binding.bind_output(out.name, "cuda")
+
+    def __call__(self) -> None:
+        if self.binding is None:
+            self.sess.run(None, self.feed)
+        else:  # run_with_iobinding synchronises the CUDA stream before returning
+            self.sess.run_with_iobinding(self.binding)
+
+
+@dataclass
+class Timing:
+    """Interleaved timing of two runners: per-round times (ms) of each, and their per-round ratios."""
+
+    a_ms: list[float]
+    b_ms: list[float]
+    runs_per_round: int
+    warmup_runs: tuple[int, int]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [b / a for a, b in zip(self.a_ms, self.b_ms)]
+
+
+def _warm_up(run, max_runs: int = 60, window: int = 3, spread: float = 0.1) -> tuple[int, float]:
+    """Run until the last `window` times agree within `spread` (first runs build plans, fill caches)."""
+    times: list[float] = []
+    while len(times) < max_runs:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        if len(times) >= window + 2:
+            last = times[-window:]
+            if max(last) <= (1 + spread) * min(last):
+                break
+    return len(times), float(np.median(times[-window:]))
+
+
+def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.02, progress=None) -> Timing:
+    """Warm both up, then alternate A,B / B,A round by round; each round times k runs of each."""
+    warm_a, t_a = _warm_up(run_a)
+    warm_b, t_b = _warm_up(run_b)
+    k = int(min(100, max(1, np.ceil(min_round_s / max(min(t_a, t_b), 1e-6)))))
+    a_ms, b_ms = [], []
+    for r in range(rounds):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            run = run_a if which == 0 else run_b
+            start = time.perf_counter()
+            for _ in range(k):
+                run()
+            (a_ms if which == 0 else b_ms).append((time.perf_counter() - start) * 1000 / k)
+        if progress is not None:
+            progress(r + 1, rounds)
+    return Timing(a_ms, b_ms, k, (warm_a, warm_b))
+
+
 def ort_version() -> str:
     return _ort().__version__
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

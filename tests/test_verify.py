@@ -1,0 +1,120 @@
+"""The verifier itself: strict enough to catch one wrong weight in a ResNeXt-50, loose enough for
+float32 reordering noise; a timing harness whose A-vs-A ratio is 1 within its own noise."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import gconv_rewrite as gr
+from gconv_rewrite.errors import GconvError
+from gconv_rewrite.samples import resnext_block_model, resnext_model
+from gconv_rewrite.verify import RELATIVE_TOLERANCE, float32_twin, generate_inputs
+
+from conftest import MODELS, run_ort
+
+
+@pytest.fixture(scope="module")
+def resnext50_pair():
+    """A tf2onnx-style emulated ResNeXt-50 32x4d at 224x224, and its fused rewrite."""
+    emulated = resnext_model(50, "32x4d", "nhwc_tf2onnx", batch=1)
+    fused = gr.rewrite(emulated, "fuse", verify_result=False)
+    assert fused.count("fused") == 16
+    return emulated, fused.model
+
+
+def swap_input_channels(model, conv_index=0, group=0, i=0, j=1):
+    """Two input channels swapped inside one group of one grouped Conv."""
+    mutated = onnx.ModelProto()
+    mutated.CopyFrom(model)
+    convs = [n for n in mutated.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    inits = {t.name: t for t in mutated.graph.initializer}
+    tensor = inits[convs[conv_index].input[1]]
+    w = numpy_helper.to_array(tensor).copy()
+    cog = w.shape[0] // next(a.i for a in convs[conv_index].attribute if a.name == "group")
+    rows = slice(group * cog, (group + 1) * cog)
+    w[rows, [i, j]] = w[rows, [j, i]]
+    tensor.CopyFrom(numpy_helper.from_array(w, tensor.name))
+    return mutated
+
+
+def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair):
+    emulated, fused = resnext50_pair
+    limit = RELATIVE_TOLERANCE["float32"]
+    ok = gr.verify(emulated, fused, "cpu", latency=False)
+    assert ok.passed and ok.outputs[0].max_rel < limit / 5
+    # The first, the least visible (benchmarks/parity_evidence.py) and the last grouped Conv.
+    for conv_index in (0, 7, 15):
+        bad = gr.verify(emulated, swap_input_channels(fused, conv_index), "cpu", latency=False)
+        assert not bad.passed and bad.outputs[0].max_rel > limit, bad.lines()
+
+
+def test_compare_all_names_the_first_diverging_node(resnext50_pair):
+    emulated, fused = resnext50_pair
+    bad = gr.verify(emulated, swap_input_channels(fused, 3), "cpu", latency=False, compare_all=True)
+    assert not bad.passed and bad.divergence is not None
+    conv = [n for n in fused.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)][3]
+    assert bad.divergence.tensor == conv.output[0]
+    assert (bad.divergence.rewritten_op_type, bad.divergence.rewritten_node) == ("Conv", conv.name)
+    assert bad.divergence.op_type == "Transpose"  # the end of the emulation in the original
+
+
+def test_a_against_itself_is_within_noise():
+    model = resnext_block_model("native", num_blocks=2, image=28, batch=1)
+    report = gr.verify(model, model, "cpu", rounds=30)
+    lat = report.latency
+    assert report.passed and lat.verdict == "within noise", report.lines()
+    assert abs(lat.ratio - 1) <= max(lat.noise, 0.03)
+    assert lat.settings["intra_op_spinning"] is False and lat.runs_per_round >= 1
+
+
+def test_fp16_is_judged_against_a_float32_twin():
+    model = resnext_block_model("nchw_reducesum", num_blocks=1, image=14, dtype=np.float16, batch=1)
+    twin = float32_twin(model)
+    onnx.checker.check_model(twin, full_check=True)
+    fused = gr.rewrite(model, "fuse", verify_result=False).model
+    report = gr.verify(model, fused, "cpu", latency=False)
+    assert report.passed, report.lines()
+    assert report.outputs[0].reference == "float32 twin of the original"
+    bad = gr.verify(model, swap_input_channels(fused), "cpu", latency=False)
+    assert not bad.passed
+
+
+def test_every_input_dtype_is_generated_reproducibly():
+    from onnx import TensorProto, helper
+    dtypes = [TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64,
+              TensorProto.BOOL]
+    inputs = [helper.make_tensor_value_info(f"x{i}", t, ["N", 3]) for i, t in enumerate(dtypes)]
+    graph = helper.make_graph([], "g", inputs, [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    a, b = generate_inputs(model, {}, 0), generate_inputs(model, {}, 0)
+    assert [a[f"x{i}"].dtype for i in range(6)] == [np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_]
+    assert all(v.shape == (2, 3) for v in a.values())  # symbolic batch -> 2
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert generate_inputs(model, {"x0": (5, 3)}, 0)["x0"].shape == (5, 3)
+    with pytest.raises(GconvError, match="rank"):
+        generate_inputs(model, {"x0": (5,)}, 0)
+
+
+def test_user_inputs_from_npz_and_their_errors(tmp_path):
+    model = MODELS / "resnext_native.onnx"
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 64, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", input=x)
+    np.savez(tmp_path / "b.npz", input=x[:1])
+    from gconv_rewrite.verify import load_inputs
+    samples = load_inputs([tmp_path / "a.npz", tmp_path / "b.npz"])
+    report = gr.verify(model, MODELS / "resnext_emulated_nchw.onnx", "cpu", inputs=samples, latency=False)
+    assert report.passed and report.samples == 2
+    with pytest.raises(GconvError, match="missing"):
+        gr.verify(model, model, "cpu", inputs=[{"other": x}], latency=False)
+
+
+def test_different_outputs_are_refused():
+    a = onnx.load(MODELS / "resnext_native.onnx")
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    b.graph.output[0].name = "renamed"
+    b.graph.node[-1].output[0] = "renamed"
+    with pytest.raises(GconvError, match="different outputs"):
+        gr.verify(a, b, "cpu", latency=False)
