@@ -111,3 +111,28 @@ def test_console_script_and_module_entry_points(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", "missing.onnx", "-o", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.onnx: no such file"
+
+
+def test_failed_parity_writes_nothing_unless_forced(tmp_path):
+    out = tmp_path / "out.onnx"
+    strict = ("--tolerance", "1e-15", "--provider", "cpu", "--no-latency")
+    result = invoke(SAMPLE, "-o", out, *strict)
+    assert result.exit_code == 1 and "FAIL" in result.output and "not written" in result.output
+    assert not out.exists()
+    forced = invoke(SAMPLE, "-o", out, *strict, "--force")
+    assert forced.exit_code == 0 and out.exists()
+
+
+def test_verification_reports_latency_with_a_verdict(tmp_path):
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--provider", "cpu", "--rounds", "5")
+    assert result.exit_code == 0
+    line = next(l for l in result.output.splitlines() if l.startswith("latency on cpu"))
+    assert "original" in line and "rewritten" in line and ("faster" in line or "slower" in line or "noise" in line)
+
+
+def test_auto_provider_fallback_prints_nothing_from_onnxruntime(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(SAMPLE), "-o", str(tmp_path / "o.onnx"),
+                           "--rounds", "3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "parity on " in proc.stdout and "PASS" in proc.stdout
