@@ -26,6 +26,11 @@ from .lowering import Grouping, NotFusable, solve_grouping
 _SHAPE_OPS = frozenset({"Shape", "Size", "Gather", "Cast", "Slice", "Concat", "Unsqueeze", "Squeeze",
                         "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min", "Reshape", "ReduceProd",
                         "Constant"})
+_NOT_REWRITTEN = {
+    "QLinearConv": "quantized convs are not rewritten",
+    "ConvInteger": "quantized convs are not rewritten",
+    "ConvTranspose": "transposed convs are not rewritten",
+}
 # Ops that sum or regroup channels: a depthwise Conv followed by none of them emulates nothing.
 _SUMMING_OPS = frozenset({"ReduceSum", "Add", "Sum", "Conv", "Reshape"})
 _MAX_TRACE_ELEMENTS = 1 << 27
@@ -82,14 +87,21 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
     """
     found: list[Candidate | NodeProto] = []
     for node in ix.nodes:
+        if node.op_type in _NOT_REWRITTEN and node.domain in ("", "ai.onnx", "com.microsoft") and attr(node, "group", 1) > 1:
+            found.append(Skip(node, "grouped_conv", _NOT_REWRITTEN[node.op_type]))
+            continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         group = attr(node, "group", 1)
         wdims = ix.constant_dims(node.input[1])
         if wdims is None:
             if group > 1:
-                found.append(Skip(node, "grouped_conv",
-                                  "weight is not a constant (initializer or Constant node): channel count and kernels unknown"))
+                weight_src = ix.producer.get(node.input[1])
+                if weight_src is not None and weight_src.op_type == "DequantizeLinear":
+                    found.append(Skip(node, "grouped_conv", "weight is dequantized (QDQ): quantized convs are not rewritten"))
+                else:
+                    found.append(Skip(node, "grouped_conv",
+                                      "weight is not a constant (initializer or Constant node): channel count and kernels unknown"))
             continue
         if len(wdims) < 3:
             continue

@@ -9,6 +9,7 @@ import click
 
 from . import api
 from .errors import GconvError
+from .model_io import check_writable
 from .rewrite import DIRECTIONS
 from .runtime import PROVIDERS
 
@@ -20,6 +21,21 @@ class _DefaultGroup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["rewrite"] + list(args)
         return super().parse_args(ctx, args)
+
+    def main(self, *args, **kwargs):
+        """Usage errors as one line (exit 2), like every other bad input."""
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted; nothing written", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -102,6 +118,7 @@ def rewrite_cmd(model, output, direction, no_verify, force, in_place, **verify_o
 def _rewrite(model, output, direction, no_verify, force, in_place, verify_options):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
+    check_writable(output)  # before the work, not after
     result = api.rewrite(model, direction, verify_result=not no_verify, **_verify_kwargs(**verify_options))
     for d in result.decisions:
         click.echo(d.line())

@@ -115,7 +115,30 @@ def load(src: ModelSource) -> tuple[ModelProto, ModelInfo]:
                 raise GconvError(f"{path}: cannot read external data ({_first_line(exc)})") from None
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
+    _check_versions(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, with the reason, when `path` cannot be written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GconvError(f"{path}: output folder does not exist")
+    if os.path.isdir(path):
+        raise GconvError(f"{path}: is a directory")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise GconvError(f"{path}: not writable")
+
+
+def _check_versions(model: ModelProto, label: str) -> None:
+    if not 3 <= model.ir_version <= onnx.IR_VERSION:
+        raise GconvError(f"{label}: unsupported IR version {model.ir_version} (this onnx {onnx.__version__} "
+                         f"reads 3..{onnx.IR_VERSION})")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and not 1 <= op.version <= newest:
+            raise GconvError(f"{label}: unsupported opset {op.version} (this onnx {onnx.__version__} knows 1..{newest})")
 
 
 def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:

@@ -163,3 +163,32 @@ def test_rewriting_twice_changes_nothing():
     assert twice.model.SerializeToString() == once.SerializeToString()
     again = gr.rewrite(model, "auto", verify_result=False).model
     assert again.SerializeToString() == once.SerializeToString()  # deterministic
+
+
+def test_quantized_and_transposed_convs_are_reported_not_rewritten():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((C, C // G, 3, 3)).astype(np.float32)
+    inits = {"w": w, "s": np.array(0.1, np.float32), "z": np.array(0, np.int8),
+             "wq": (w * 10).astype(np.int8), "wt": rng.standard_normal((C, C // G, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wdq"]),
+             helper.make_node("Conv", ["x", "wdq"], ["a"], name="qdq_conv", group=G, pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["a", "wt"], ["y"], name="deconv", group=G, pads=[1, 1, 1, 1])]
+    model = model_with(nodes, inits)
+    result = gr.rewrite(model, "expand", verify_result=False)
+    reasons = {d.node: (d.action, d.reason) for d in result.decisions}
+    assert reasons == {"qdq_conv": ("skipped", "weight is dequantized (QDQ): quantized convs are not rewritten"),
+                       "deconv": ("skipped", "transposed convs are not rewritten")}
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_grouped_conv_whose_output_is_a_graph_output_keeps_its_name():
+    w = np.random.default_rng(0).standard_normal((C, C // G, 3, 3)).astype(np.float32)
+    model = model_with([helper.make_node("Conv", ["x", "w"], ["y"], name="", group=G, pads=[1, 1, 1, 1]),
+                        helper.make_node("Relu", ["y"], ["z"], name="")], {"w": w}, outputs=("y", "z"))
+    result = gr.rewrite(model, "expand", verify_result=False)
+    assert [d.action for d in result.decisions] == ["expanded"]
+    assert [o.name for o in result.model.graph.output] == ["y", "z"]
+    x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
+    want, got = run_ort(model, {"x": x}), run_ort(result.model, {"x": x})
+    for k in ("y", "z"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
