@@ -178,13 +178,18 @@ class ShapeTable:
         return shape
 
 
-def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    skeleton = onnx.ModelProto()
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights: big initializers become typed graph inputs.
+
+    Checking and shape inference on it cost little even for multi-GB models; small
+    initializers (shape constants) keep their values for data propagation.
+    """
+    skel = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(skeleton, field, getattr(model, field))
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    g, src = skeleton.graph, model.graph
+        setattr(skel, field, getattr(model, field))
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    g, src = skel.graph, model.graph
     g.name = src.name
     g.node.extend(src.node)
     g.input.extend(src.input)
@@ -196,10 +201,16 @@ def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoPro
             g.initializer.append(init)
         elif init.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skel
+
+
+def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    skeleton_model = skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton_model, check_type=False, strict_mode=False,
+                                                     data_prop=True)
     except Exception:  # inference is a help, not a requirement: analysis falls back to probe sizes
-        inferred = skeleton
+        inferred = skeleton_model
     infos: dict[str, onnx.ValueInfoProto] = {}
     _collect_value_infos(inferred.graph, infos)
     return infos

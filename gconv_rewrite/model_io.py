@@ -116,6 +116,7 @@ def load(src: ModelSource) -> tuple[ModelProto, ModelInfo]:
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
     _check_versions(model, path or "model")
+    validate(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external)
 
 
@@ -129,6 +130,37 @@ def check_writable(path: str | os.PathLike) -> None:
         raise GconvError(f"{path}: is a directory")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise GconvError(f"{path}: not writable")
+
+
+def validate(model: ModelProto, label: str = "model") -> None:
+    """onnx.checker on the model's structure (a weightless copy, so it is cheap) and the sizes of its weights."""
+    from .graph import skeleton  # the graph helpers need nothing from here
+
+    for tensor in iter_tensors(model):
+        if tensor.raw_data and tensor.data_type not in (TensorProto.STRING, TensorProto.UNDEFINED):
+            n = 1
+            for d in tensor.dims:
+                n *= d
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(tensor.data_type)
+            expected = (n * bits + 7) // 8 if bits else n * itemsize
+            if len(tensor.raw_data) != expected:
+                raise GconvError(f"{label}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                                 f"its dims {list(tensor.dims)} need {expected}")
+    skel = skeleton(model)
+    # The checker insists on a `shape` field on graph inputs/outputs, which onnxruntime treats as
+    # optional (absent = unknown shape); do not refuse models that every runtime accepts.
+    for vi in list(skel.graph.input) + list(skel.graph.output):
+        if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):
+            vi.type.tensor_type.shape.dim.add()
+            vi.type.tensor_type.shape.ClearField("dim")
+            vi.type.tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(skel)
+    except onnx.checker.ValidationError as exc:
+        raise GconvError(f"{label}: invalid model ({_first_line(exc)})") from None
+    except Exception as exc:
+        raise GconvError(f"{label}: invalid model ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _check_versions(model: ModelProto, label: str) -> None:

@@ -187,19 +187,27 @@ def _warm_up(run, max_runs: int = 60, window: int = 3, spread: float = 0.1) -> t
     return len(times), float(np.median(times[-window:]))
 
 
-def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.02, progress=None) -> Timing:
-    """Warm both up, then alternate A,B / B,A round by round; each round times k runs of each."""
+def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.03, progress=None) -> Timing:
+    """Warm both up, then alternate A,B / B,A round by round.
+
+    In each round each model runs k times (k chosen so a round lasts about `min_round_s`); the
+    round's time is the median of those k runs, so a burst of background load in one run does
+    not decide the round.
+    """
     warm_a, t_a = _warm_up(run_a)
     warm_b, t_b = _warm_up(run_b)
-    k = int(min(100, max(1, np.ceil(min_round_s / max(min(t_a, t_b), 1e-6)))))
+    k = int(min(50, max(3, np.ceil(min_round_s / max(min(t_a, t_b), 1e-6)))))
     a_ms, b_ms = [], []
+    clock = time.perf_counter
     for r in range(rounds):
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
             run = run_a if which == 0 else run_b
-            start = time.perf_counter()
+            times = []
             for _ in range(k):
+                start = clock()
                 run()
-            (a_ms if which == 0 else b_ms).append((time.perf_counter() - start) * 1000 / k)
+                times.append(clock() - start)
+            (a_ms if which == 0 else b_ms).append(float(np.median(times)) * 1000)
         if progress is not None:
             progress(r + 1, rounds)
     return Timing(a_ms, b_ms, k, (warm_a, warm_b))
