@@ -36,6 +36,7 @@ _SUMMING_OPS = frozenset({"ReduceSum", "Add", "Sum", "Conv", "Reshape"})
 _MAX_TRACE_ELEMENTS = 1 << 27
 _BATCH_PROBE = 2
 _SPATIAL_PROBES = (5, 7, 11, 13, 17)
+_SPATIAL_PROBES_2 = (6, 9, 10, 12, 14)
 
 
 @dataclass
@@ -95,6 +96,9 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         group = attr(node, "group", 1)
         wdims = ix.constant_dims(node.input[1])
         if wdims is None:
+            inferred = ix.shape(node.input[1]) if group > 1 else None
+            if inferred and len(inferred) > 1 and isinstance(inferred[1], int) and inferred[1] == 1:
+                continue  # a depthwise Conv with runtime weights (MobileNet-style): not a grouped conv
             if group > 1:
                 weight_src = ix.producer.get(node.input[1])
                 if weight_src is not None and weight_src.op_type == "DequantizeLinear":
@@ -107,7 +111,7 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
             continue
         c_in = group * wdims[1]
         if 1 < group < c_in:
-            found.append(_native(ix, node))
+            found.append(_guarded(_native, ix, node, "grouped_conv"))
         elif group == c_in and c_in > 1 and any(n.op_type in TRACEABLE_OPS for n in ix.data_consumers(node.output[0])):
             found.append(node)  # traced below
     pending = [n for n in found if isinstance(n, NodeProto)]
@@ -116,11 +120,20 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         workers = min(len(pending), os.cpu_count() or 1)
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
-                traced = dict(zip(map(id, pending), pool.map(lambda n: _emulation(ix, n), pending)))
+                traced = dict(zip(map(id, pending), pool.map(lambda n: _guarded(_emulation, ix, n, "emulation"),
+                                                             pending)))
         else:
-            traced = {id(n): _emulation(ix, n) for n in pending}
+            traced = {id(n): _guarded(_emulation, ix, n, "emulation") for n in pending}
         found = [traced[id(c)] if isinstance(c, NodeProto) else c for c in found]
     return [c for c in found if c is not None]
+
+
+def _guarded(fn, ix: GraphIndex, node: NodeProto, kind: str) -> Candidate | None:
+    """A node the analysis cannot make sense of (inconsistent attributes, odd shapes) is skipped, with why."""
+    try:
+        return fn(ix, node)
+    except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError, AttributeError) as exc:
+        return Skip(node, kind, f"could not be analysed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
 def _conv_spec(ix: GraphIndex, node: NodeProto, wdims, dtype) -> ConvSpec:
@@ -161,9 +174,7 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
         return None  # a plain depthwise Conv followed by, say, a Flatten: nothing emulated here
     if not region:
         return Skip(dw, "emulation", boundary)
-    probe, symbols = _probe_shape(ix, dw, weight.shape)
-    if probe is None:
-        return Skip(dw, "emulation", "unknown channel count or rank of the depthwise output")
+    probe, symbols, varies = _probe_shape(ix, dw, weight.shape)
     if prod(probe) > _MAX_TRACE_ELEMENTS:
         return Skip(dw, "emulation", f"depthwise output {list(probe)} is too large to trace")
     cuts, cut_reason = _valid_cuts(ix, y0, region)
@@ -176,6 +187,11 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     if isinstance(best, str):
         return Skip(dw, "emulation", best)
     cut, cmap = best
+    if varies:  # symbolic dims: what the region computes must not depend on their values
+        other, other_symbols, _ = _probe_shape(ix, dw, weight.shape, variant=1)
+        why = _same_map_at(ix, y0, other, other_symbols, region[:cut + 1], cmap)
+        if why:
+            return Skip(dw, "emulation", f"what it computes depends on the input's size: at {list(other)} {why}")
     try:
         grouping = solve_grouping(cmap, multiplier, c_in)
     except NotFusable as exc:
@@ -260,27 +276,43 @@ def _shape_computable(ix: GraphIndex, name: str, memo: dict, depth: int = 0) -> 
     return ok
 
 
-def _probe_shape(ix: GraphIndex, dw: NodeProto, wdims) -> tuple[tuple[int, ...] | None, dict]:
-    """Concrete sizes to trace with: static dims as they are, symbolic batch -> 2, other symbols -> small primes."""
+def _probe_shape(ix: GraphIndex, dw: NodeProto, wdims, variant: int = 0) -> tuple[tuple[int, ...], dict, bool]:
+    """Concrete sizes to trace with: static dims as they are; symbolic or unknown ones get probe values
+    (batch 2 and small primes; variant 1: batch 1 and other values). Also whether any dim varies."""
     rank = len(wdims)
     channels = int(wdims[0])
     shape = ix.shape(dw.output[0])
-    symbols: dict = {}
     if shape is None or len(shape) != rank:
         shape = (None, channels) + (None,) * (rank - 2)
+    symbols: dict = {}
     dims = []
-    primes = iter(_SPATIAL_PROBES)
+    varies = False
+    probes = iter(_SPATIAL_PROBES if variant == 0 else _SPATIAL_PROBES_2)
     for axis, d in enumerate(shape):
         if axis == 1:
             dims.append(channels)
         elif isinstance(d, int) and d > 0:
             dims.append(d)
         else:
-            value = _BATCH_PROBE if axis == 0 else next(primes, 19)
+            varies = True
+            value = (_BATCH_PROBE if variant == 0 else 1) if axis == 0 else next(probes, 19 + variant)
             if isinstance(d, str):
                 value = symbols.setdefault(d, value)
             dims.append(value)
-    return tuple(dims), symbols
+    return tuple(dims), symbols, varies
+
+
+def _same_map_at(ix: GraphIndex, y0: str, probe, symbols, prefix: list[NodeProto], cmap: ChannelMap) -> str:
+    """'' when tracing `prefix` at other sizes gives the same channel map, else what differs."""
+    try:
+        other = classify_output(_propagate_to(ix, y0, probe, symbols, prefix), probe)
+    except NotAChannelMove as exc:
+        return str(exc)
+    if other.layout != cmap.layout or not np.array_equal(np.sort(other.terms, axis=1), np.sort(cmap.terms, axis=1)):
+        return "it sums other channels"
+    if (other.bias is None) != (cmap.bias is None) or (other.bias is not None and not np.array_equal(other.bias, cmap.bias)):
+        return "it adds another constant"
+    return ""
 
 
 def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[int], str]:
@@ -319,7 +351,8 @@ def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[
         elif y0 in exits and not reason:
             reason = f"depthwise output {exits[y0]}"
     if not cuts and not reason:
-        stuck = sorted(t for t in open_ if t in exits)
+        produced = [y0] + [o for n in region for o in n.output]
+        stuck = [t for t in produced if t in open_ and t in exits]
         if stuck:
             reason = f"intermediate tensor '{stuck[0]}' {exits[stuck[0]]}"
     return cuts, reason

@@ -98,7 +98,7 @@ class ShapeEval:
         elif depth < 48 and name in self.ix.producer:
             try:
                 result = self._eval(self.ix.producer[name], name, depth + 1)
-            except (ValueError, IndexError, TypeError, KeyError):
+            except (ValueError, IndexError, TypeError, KeyError, NotAChannelMove):
                 result = None
         self.cache[name] = result
         return result
@@ -160,7 +160,8 @@ def _eval_small_op(node: NodeProto, ins: list, opset: int) -> np.ndarray | None:
               "Max": np.maximum, "Min": np.minimum}[op]
         return fn(a, b)
     if op == "Reshape":
-        return ins[0].reshape(_reshape_target(ins[0].shape, ins[1].tolist(), attr(node, "allowzero", 0)))
+        target = attr(node, "shape") if opset < 5 else ins[1].tolist()
+        return ins[0].reshape(_reshape_target(ins[0].shape, target, attr(node, "allowzero", 0)))
     if op == "ReduceProd":
         axes = attr(node, "axes") if opset < 18 else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
         return np.prod(ins[0], axis=None if axes is None else tuple(axes), keepdims=bool(attr(node, "keepdims", 1)))
@@ -323,6 +324,13 @@ TRACEABLE_OPS = frozenset({
 
 def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndarray | None], opset: int) -> list[Traced]:
     """Apply `node` to traced inputs (`traced[i]` is None where input i is a constant, whose value is `values[i]`)."""
+    try:
+        return _propagate(node, traced, values, opset)
+    except (ValueError, IndexError, TypeError, AttributeError) as exc:  # attributes the op cannot have
+        raise NotAChannelMove(f"inconsistent {node.op_type} ({exc})") from None
+
+
+def _propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndarray | None], opset: int) -> list[Traced]:
     op = node.op_type
     x = traced[0] if traced else None
     if op in ("Add", "Sub", "Sum"):
@@ -346,12 +354,14 @@ def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndar
         perm = attr(node, "perm", list(range(len(x.shape)))[::-1])
         return [_move(x, lambda a: a.transpose(list(perm) + [a.ndim - 1]))]
     if op == "Reshape":
-        if values[1] is None:
+        target = attr(node, "shape") if opset < 5 else (values[1].tolist() if values[1] is not None else None)
+        if target is None:
             raise NotAChannelMove("Reshape target shape is not computable")
-        target = _reshape_target(x.shape, values[1].tolist(), attr(node, "allowzero", 0))
+        target = _reshape_target(x.shape, target, attr(node, "allowzero", 0))
         return [_move(x, lambda a: a.reshape(target + (a.shape[-1],)))]
     if op == "Flatten":
-        axis = attr(node, "axis", 1) % (len(x.shape) + 1) if x.shape else 0
+        axis = attr(node, "axis", 1)
+        axis = axis + len(x.shape) if axis < 0 else axis
         target = (prod(x.shape[:axis]), prod(x.shape[axis:]))
         return [_move(x, lambda a: a.reshape(target + (a.shape[-1],)))]
     if op in ("Squeeze", "Unsqueeze"):
@@ -387,8 +397,12 @@ def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndar
         dim = x.shape[axis]
         if opset < 13:
             sizes = attr(node, "split")
+        elif len(node.input) > 1 and node.input[1]:
+            if values[1] is None:
+                raise NotAChannelMove("Split sizes are not computable")
+            sizes = values[1].tolist()
         else:
-            sizes = values[1].tolist() if len(node.input) > 1 and node.input[1] else None
+            sizes = None
         if sizes is None:
             n = len(node.output)
             chunk = -(-dim // n)
@@ -422,7 +436,11 @@ def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndar
         return [Traced(idx, bias)]
     if op == "Conv":
         matrix = conv_1x1_matrix(node, values[1])
-        bias = values[2] if len(node.input) > 2 and node.input[2] else None
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = values[2]
+            if bias is None:
+                raise NotAChannelMove("1x1 Conv bias is not a constant")
         return [_conv_1x1(x, matrix, bias)]
     raise NotAChannelMove(f"{op} is not a channel move")
 

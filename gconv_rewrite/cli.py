@@ -161,6 +161,10 @@ def _guard(fn):
     except MemoryError:
         click.echo("error: out of memory", err=True)
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - never a traceback; say what failed, in one line
+        text = str(exc).strip().splitlines()
+        click.echo(f"error: cannot process the model ({type(exc).__name__}: {text[0] if text else ''})", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; nothing written", err=True)
         sys.exit(130)

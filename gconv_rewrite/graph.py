@@ -46,7 +46,7 @@ class GraphIndex:
     """Producer/consumer maps, constants and (inferred) shapes of one graph."""
 
     def __init__(self, graph: GraphProto, shapes: "ShapeTable", opset: int,
-                 outer: "GraphIndex | None" = None, path: str = "main"):
+                 outer: "GraphIndex | None" = None, path: str = "main", ir_version: int = 8):
         self.graph = graph
         self.path = path
         self.opset = opset
@@ -74,7 +74,9 @@ class GraphIndex:
                 consumers[name].append(node)
         self.producer.pop("", None)
         self.initializers = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {i.name for i in graph.input}
+        self.ir_version = ir_version
+        # Before IR 4 every initializer is also listed as a graph input, and still a constant.
+        self.graph_inputs = {i.name for i in graph.input} - (set(self.initializers) if ir_version < 4 else set())
         self.graph_outputs = {o.name for o in graph.output}
         self._const_cache: dict[str, np.ndarray | None] = {}
 

@@ -18,7 +18,7 @@ from onnx import GraphProto, ModelProto, NodeProto, helper
 from . import model_io
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
 from .geometry import ConvSpec
-from .graph import GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
+from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .lowering import conv_node, expand_weights, fuse_weights, int64_tensor, reduce_sum_node, tensor
 
 Direction = Literal["auto", "expand", "fuse"]
@@ -80,7 +80,7 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Deci
     names = NameGen(model)
     opset = default_opset(model)
     decisions: list[Decision] = []
-    _rewrite_graph(model.graph, shapes, opset, None, "main", direction, names, decisions)
+    _rewrite_graph(model.graph, shapes, opset, None, "main", direction, names, decisions, model.ir_version)
     for fn in model.functions:
         for node in fn.node:
             if node.op_type == "Conv" and attr(node, "group", 1) > 1:
@@ -91,17 +91,17 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Deci
 
 
 def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | None, path: str,
-                   direction: str, names: NameGen, decisions: list[Decision]) -> None:
-    ix = GraphIndex(graph, shapes, opset, outer, path)
+                   direction: str, names: NameGen, decisions: list[Decision], ir_version: int) -> None:
+    ix = GraphIndex(graph, shapes, opset, outer, path, ir_version)
     nested = [(node, sub) for node in ix.nodes if node.attribute for sub in subgraphs(node)]
     for node, sub in nested:
         _rewrite_graph(sub, shapes, opset, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}",
-                       direction, names, decisions)
+                       direction, names, decisions, ir_version)
     if nested:
-        ix = GraphIndex(graph, shapes, opset, outer, path)
+        ix = GraphIndex(graph, shapes, opset, outer, path, ir_version)
     edit = _Edit()
     for cand in analyse(ix):
-        decision = _decide(cand, direction)
+        decision = _decide(cand, direction, opset)
         decision.graph = path
         if decision.action == "expanded":
             _expand(ix, cand, names, edit, decision)
@@ -112,7 +112,7 @@ def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | No
         edit.commit(ix)
 
 
-def _decide(cand, direction: str) -> Decision:
+def _decide(cand, direction: str, opset: int) -> Decision:
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
@@ -120,6 +120,10 @@ def _decide(cand, direction: str) -> Decision:
     if isinstance(cand, NativeGrouped):
         computes = f"grouped Conv {cand.spec.describe()}"
         if direction == "expand":
+            if opset < 5:
+                return Decision(node_label(cand.node), "grouped_conv", "skipped", computes,
+                                f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
+                                cand.spec)
             return Decision(node_label(cand.node), "grouped_conv", "expanded", computes,
                             "to depthwise Conv + Reshape + ReduceSum + Reshape", cand.spec)
         why = ("direction=fuse keeps native grouped Convs" if direction == "fuse"
@@ -160,7 +164,12 @@ class _Edit:
                 new_nodes.extend(self.replace.get(key, ()))
             else:
                 planned.append(node)
-        dead = _Liveness(ix, self.replace.keys() | self.remove, new_nodes, {t.name for t in self.initializers})
+        gone_keys = self.replace.keys() | self.remove
+        for key in gone_keys:  # shape readers of removed tensors go too (analysis checked they feed only these)
+            for out in ix.outputs_of(key):
+                seeds.extend(o for c in ix.consumers.get(out, ()) if c.op_type in SHAPE_ONLY_OPS
+                             and id(c) not in gone_keys for o in c.output)
+        dead = _Liveness(ix, gone_keys, new_nodes, {t.name for t in self.initializers})
         dead.collect(seeds)
         graph.ClearField("node")
         graph.node.extend(n for n in planned if id(n) not in dead.nodes)
@@ -168,6 +177,13 @@ class _Edit:
             if graph.initializer[i].name in dead.initializers:
                 del graph.initializer[i]
         graph.initializer.extend(t for t in self.initializers if t.name not in dead.initializers)
+        if ix.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+            if dead.initializers:
+                kept_inputs = [i for i in graph.input if i.name not in dead.initializers]
+                graph.ClearField("input")
+                graph.input.extend(kept_inputs)
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                               for t in self.initializers if t.name not in dead.initializers)
         gone = {o for key in self.remove | self.replace.keys() for o in ix.outputs_of(key)}
         gone |= {o for key in dead.nodes if key in ix.position for o in ix.outputs_of(key)}
         gone -= {o for n in new_nodes if id(n) not in dead.nodes for o in n.output}

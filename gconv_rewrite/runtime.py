@@ -121,7 +121,7 @@ def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinn
     """
     ort = _ort()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures reach the user as one GconvError line, not as red logs
     if not allow_spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile:

@@ -151,7 +151,12 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
     names = [o.name for o in a.graph.output]
     if sorted(names) != sorted(o.name for o in b.graph.output):
         raise GconvError(f"the models have different outputs: {names} vs {[o.name for o in b.graph.output]}")
-    inputs = check_inputs(a, inputs) if inputs is not None else [generate_inputs(a, input_shapes or {}, seed)]
+    if inputs is not None:
+        inputs = check_inputs(a, inputs)
+    else:
+        inputs = [generate_inputs(a, input_shapes or {}, seed)]
+        if _symbolic_batch(a, input_shapes or {}):  # batch 1 is special (Squeeze, broadcasting): check it too
+            inputs.append(generate_inputs(a, input_shapes or {}, seed + 1, batch=1))
     report = VerifyReport(choice.name, choice.note, len(inputs))
     with _Sources(a, b) as (src_a, src_b):
         sess_a, sess_b = runtime.session(src_a, choice), runtime.session(src_b, choice)
@@ -193,13 +198,14 @@ def _errors(refs, gots) -> tuple[float, float, float, bool]:
                 return np.inf, 0.0, np.inf, False
             continue
         r64, g64 = r.astype(np.float64), g.astype(np.float64)
-        if not np.array_equal(np.isnan(r64), np.isnan(g64)) or not np.array_equal(np.isinf(r64) * r64, np.isinf(g64) * g64):
-            return np.inf, 0.0, np.inf, False
+        if not np.array_equal(np.isnan(r64), np.isnan(g64)) or not np.array_equal(
+                np.where(np.isinf(r64), r64, 0), np.where(np.isinf(g64), g64, 0)):
+            return np.inf, 0.0, np.inf, False  # NaN/Inf must sit at the same places, with the same signs
         finite = np.isfinite(r64)
         if not finite.any():
             continue
-        diff = np.abs(r64 - g64)[finite]
-        ref = np.abs(r64)[finite]
+        diff = np.abs(r64[finite] - g64[finite])
+        ref = np.abs(r64[finite])
         max_abs = max(max_abs, float(diff.max()))
         magnitude = max(magnitude, float(ref.max()))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -377,11 +383,17 @@ def load_inputs(paths: list[str]) -> list[dict[str, np.ndarray]]:
     return samples
 
 
-def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+def _symbolic_batch(model: ModelProto, shapes) -> bool:
+    return any(vi.name not in shapes and vi.type.tensor_type.shape.dim and
+               not vi.type.tensor_type.shape.dim[0].HasField("dim_value") for vi in graph_inputs(model))
+
+
+def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                    batch: int = DEFAULT_BATCH) -> dict[str, np.ndarray]:
     """One sample for every graph input, in a sensible range for its dtype; fixed by `seed`.
 
-    Floats: standard normal; integers: 0..9; bool: fair coin. A symbolic batch (dim 0) is 2;
-    other symbolic dims must be given in `shapes`.
+    Floats: standard normal; integers: 0..9; bool: fair coin. A symbolic batch (dim 0) is
+    `batch`; other symbolic dims must be given in `shapes`.
     """
     rng = np.random.default_rng(seed)
     inputs = graph_inputs(model)
@@ -404,7 +416,7 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
                 if d.HasField("dim_value"):
                     dims.append(d.dim_value)
                 elif axis == 0:
-                    dims.append(DEFAULT_BATCH)
+                    dims.append(batch)
                 else:
                     unresolved = [x.dim_param or "?" for i, x in enumerate(tt.shape.dim)
                                   if i > 0 and not x.HasField("dim_value")]

@@ -1,0 +1,65 @@
+"""Longer fuzzing run: the CI test's mutations, over the sample models and the exporter fixtures.
+
+    python benchmarks/fuzz.py [--minutes 5] [--seed 1]
+
+Prints how many cases ran, their outcomes, and every failure (a traceback, an invalid output,
+a left-over file, an input that was modified).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from fuzzing import check_case, mutated  # noqa: E402
+
+from gconv_rewrite.cli import main as cli  # noqa: E402
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--minutes", type=float, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    sources = sorted((ROOT / "models").glob("*.onnx")) + sorted((ROOT / "tests/fixtures/exporters").glob("*.onnx"))
+    models = {s.name: onnx.load(s) for s in sources}
+    rng = np.random.default_rng(args.seed)
+    outcomes, kinds, failures = Counter(), Counter(), []
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        while time.monotonic() - start < args.minutes * 60:
+            name = list(models)[int(rng.integers(len(models)))]
+            kind, data = mutated(models[name], rng)
+            direction = ["auto", "fuse", "expand"][int(rng.integers(3))]
+            kinds[kind] += 1
+            try:
+                outcomes[check_case(invoke, data, Path(tmp), direction)] += 1
+            except AssertionError as exc:
+                outcomes["FAILED"] += 1
+                failures.append(f"{kind} of {name} ({direction}): {exc}")
+            except Exception:  # noqa: BLE001
+                outcomes["FAILED"] += 1
+                failures.append(f"{kind} of {name} ({direction}): {traceback.format_exc(limit=3)}")
+    print(f"{sum(outcomes.values())} cases in {args.minutes:g} min over {len(models)} models: {dict(outcomes)}")
+    print(f"mutations: {dict(kinds)}")
+    for f in failures[:20]:
+        print("FAILURE:", f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Bounded fuzzing in CI: mutated sample models either come out checker-valid and proven, or are
+refused with exit 1/2 and one clear line; never a traceback, never a file at -o that is invalid.
+benchmarks/fuzz.py runs the same for longer."""
+
+import time
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from gconv_rewrite.cli import main
+
+from conftest import MODELS
+from fuzzing import check_case, mutated
+
+SAMPLES = sorted(MODELS.glob("*.onnx"))
+BUDGET_S = 25
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fuzz_sample_models(tmp_path):
+    rng = np.random.default_rng(20261128)
+    outcomes = Counter()
+    start = time.monotonic()
+    while time.monotonic() - start < BUDGET_S:
+        sample = SAMPLES[int(rng.integers(len(SAMPLES)))]
+        name, data = mutated(onnx.load(sample), rng)
+        direction = ["auto", "fuse", "expand"][int(rng.integers(3))]
+        try:
+            outcomes[check_case(invoke, data, tmp_path, direction)] += 1
+        except AssertionError as exc:
+            pytest.fail(f"{name} of {sample.name} ({direction}): {exc}")
+    print(dict(outcomes))
+    assert sum(outcomes.values()) >= 20 and outcomes["refused"] > 0
