@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--keep", help="folder to keep the inputs whose rewrite failed parity")
     args = p.parse_args()
     sources = sorted((ROOT / "models").glob("*.onnx")) + sorted((ROOT / "tests/fixtures/exporters").glob("*.onnx"))
     models = {s.name: onnx.load(s) for s in sources}
@@ -48,7 +49,12 @@ def main() -> None:
             direction = ["auto", "fuse", "expand"][int(rng.integers(3))]
             kinds[kind] += 1
             try:
-                outcomes[check_case(invoke, data, Path(tmp), direction)] += 1
+                outcome = check_case(invoke, data, Path(tmp), direction)
+                outcomes[outcome] += 1
+                if outcome == "parity" and args.keep:  # a rewrite that changed the result: keep it
+                    keep = Path(args.keep) / f"parity_{outcomes['parity']}_{kind}_{direction}_{name}"
+                    keep.parent.mkdir(parents=True, exist_ok=True)
+                    keep.write_bytes(data)
             except AssertionError as exc:
                 outcomes["FAILED"] += 1
                 failures.append(f"{kind} of {name} ({direction}): {exc}")

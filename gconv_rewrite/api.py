@@ -37,7 +37,9 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, verify_result:
     decisions = rewrite_model(rewritten, direction)
     result = RewriteResult(rewritten, decisions, direction, info)
     if verify_result and result.changed:
-        result.verification = verify(original, rewritten, provider,
+        # onnxruntime reads a big original from its file rather than from a temporary copy
+        reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
+        result.verification = verify(reference, rewritten, provider,
                                      inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
                                      latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
                                      progress=progress)

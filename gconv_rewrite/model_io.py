@@ -57,7 +57,8 @@ def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
             yield from from_node(node)
 
 
-def _uses_external_data(model: ModelProto) -> bool:
+def uses_external_data(model: ModelProto) -> bool:
+    """True when some tensor keeps its bytes in an external file."""
     return any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model))
 
 
@@ -84,12 +85,16 @@ def opsets_of(model: ModelProto) -> dict[str, int]:
     return {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
 
 
-def load(src: ModelSource) -> tuple[ModelProto, ModelInfo]:
-    """Load a model from a path (with its external data) or copy a ModelProto; never alters `src`."""
+def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]:
+    """Load a model from a path (with its external data) or copy a ModelProto; never alters `src`.
+
+    weights=False leaves external data on disk (locations still checked): enough to read the
+    graph, for example to hand the path to onnxruntime.
+    """
     if isinstance(src, ModelProto):
         model = ModelProto()
         model.CopyFrom(src)
-        had_external = _uses_external_data(model)
+        had_external = uses_external_data(model)
         path = None
     else:
         path = os.fspath(src)
@@ -105,10 +110,11 @@ def load(src: ModelSource) -> tuple[ModelProto, ModelInfo]:
             raise GconvError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
         if not model.HasField("graph") or model.ir_version == 0:
             raise GconvError(f"{path}: not a valid ONNX model (no graph or IR version)")
-        had_external = _uses_external_data(model)
+        had_external = uses_external_data(model)
         if had_external:
             base_dir = os.path.dirname(os.path.abspath(path))
             check_external_locations(model, base_dir)
+        if had_external and weights:
             try:
                 onnx.load_external_data_for_model(model, base_dir)
             except Exception as exc:
@@ -137,16 +143,11 @@ def validate(model: ModelProto, label: str = "model") -> None:
     from .graph import skeleton  # the graph helpers need nothing from here
 
     for tensor in iter_tensors(model):
-        if tensor.raw_data and tensor.data_type not in (TensorProto.STRING, TensorProto.UNDEFINED):
-            n = 1
-            for d in tensor.dims:
-                n *= d
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-            bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(tensor.data_type)
-            expected = (n * bits + 7) // 8 if bits else n * itemsize
-            if len(tensor.raw_data) != expected:
-                raise GconvError(f"{label}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
-                                 f"its dims {list(tensor.dims)} need {expected}")
+        expected = tensor_nbytes(tensor)
+        # Reading raw_data copies it: sizes of weights over 256 MB are left to onnxruntime to check.
+        if 0 < expected <= _CHECKED_BYTES and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+            raise GconvError(f"{label}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                             f"its dims {list(tensor.dims)} need {expected}")
     skel = skeleton(model)
     # The checker insists on a `shape` field on graph inputs/outputs, which onnxruntime treats as
     # optional (absent = unknown shape); do not refuse models that every runtime accepts.
@@ -194,13 +195,9 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
         tmp_model = os.path.join(tmp_dir, name)
         data_name = name + ".data"
         if external_data:
-            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            _fsync(os.path.join(tmp_dir, data_name))
+            _write_with_external_data(model, tmp_model, os.path.join(tmp_dir, data_name), data_name)
         else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
-        _fsync(tmp_model)
+            _write_file(tmp_model, model.SerializeToString())
         if external_data:
             os.replace(os.path.join(tmp_dir, data_name), os.path.join(target_dir, data_name))
         os.replace(tmp_model, path)
@@ -213,17 +210,103 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
         os.rmdir(tmp_dir)
 
 
+_CHUNK = 64 << 20
+
+
+def _write_chunks(f, data) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        f.write(view[start:start + _CHUNK])
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        _write_chunks(f, data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of `src` to `dst` except `skip` (ListFields reads no weight it skips)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "ListFields"):  # a message
+            getattr(dst, field.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float, bool)):
+            setattr(dst, field.name, value)
+        else:  # a repeated field
+            getattr(dst, field.name).extend(value)
+
+
+def _write_with_external_data(model: ModelProto, model_path: str, data_path: str, location: str,
+                              threshold: int = 1024) -> None:
+    """Initializers of >= `threshold` bytes go to `data_path`; `model` itself is not touched.
+
+    (onnx.save_model's external-data path empties the tensors of the model it is given, and
+    protobuf arenas keep cleared bytes alive, so moving data out and back would cost two extra
+    copies.) A small header model refers to the data file; memory stays at the model plus the
+    largest tensor while it is written.
+    """
+    header = ModelProto()
+    _copy_fields(model, header, skip="graph")
+    src, graph = model.graph, header.graph
+    _copy_fields(src, graph, skip="initializer")
+    with open(data_path, "wb") as data:
+        for tensor in src.initializer:
+            if (tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data")
+                    or tensor_nbytes(tensor) < threshold):
+                graph.initializer.append(tensor)
+                continue
+            offset = data.tell()
+            raw = tensor.raw_data  # one tensor's copy at a time
+            _write_chunks(data, raw)
+            ref = graph.initializer.add()
+            ref.name, ref.data_type = tensor.name, tensor.data_type
+            ref.dims.extend(tensor.dims)
+            if tensor.doc_string:
+                ref.doc_string = tensor.doc_string
+            ref.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, value
+            del raw
+        data.flush()
+        os.fsync(data.fileno())
+    _write_file(model_path, header.SerializeToString())
+
+
+_CHECKED_BYTES = 256 << 20
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Bytes of a tensor's data from its dims and type (without touching the data, which would copy it)."""
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(tensor.data_type)
+    if bits:
+        return (n * bits + 7) // 8
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def needs_external_data(model: ModelProto) -> bool:
     """True when the model is too big for one protobuf (2 GB)."""
     total = 0
     for tensor in iter_tensors(model):
-        total += len(tensor.raw_data)
+        if tensor.data_location != TensorProto.EXTERNAL:
+            total += tensor_nbytes(tensor)
         if total > _TWO_GB - (64 << 20):  # leave room for the graph itself
             return True
     return False
 
 
-def _fsync(path: str) -> None:
+def _fsync(path: str) -> None:  # noqa: D401
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

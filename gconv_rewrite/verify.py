@@ -146,8 +146,8 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
     outputs diverge when parity fails. latency: interleaved timing over `rounds` rounds.
     """
     choice = runtime.choose_provider(provider)
-    a = _as_model(original)
-    b = _as_model(rewritten)
+    a, path_a = _as_model(original)
+    b, path_b = _as_model(rewritten)
     names = [o.name for o in a.graph.output]
     if sorted(names) != sorted(o.name for o in b.graph.output):
         raise GconvError(f"the models have different outputs: {names} vs {[o.name for o in b.graph.output]}")
@@ -158,11 +158,13 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
         if _symbolic_batch(a, input_shapes or {}):  # batch 1 is special (Squeeze, broadcasting): check it too
             inputs.append(generate_inputs(a, input_shapes or {}, seed + 1, batch=1))
     report = VerifyReport(choice.name, choice.note, len(inputs))
-    with _Sources(a, b) as (src_a, src_b):
+    with _Sources(path_a or a, path_b or b) as (src_a, src_b):
         sess_a, sess_b = runtime.session(src_a, choice), runtime.session(src_b, choice)
         got_a = [_run(sess_a, names, feed) for feed in inputs]
         got_b = [_run(sess_b, names, feed) for feed in inputs]
-        references = _float32_reference(a, names, inputs, choice, report)
+        references = None
+        if any(o.type.tensor_type.elem_type == TensorProto.FLOAT16 for o in a.graph.output):
+            references = _float32_reference(_with_weights(a, path_a), names, inputs, choice, report)
         for i, name in enumerate(names):
             ra, rb = [r[i] for r in got_a], [r[i] for r in got_b]
             if references is not None and np.asarray(ra[0]).dtype == np.float16:
@@ -170,7 +172,8 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
             else:
                 report.outputs.append(_compare(name, ra, rb, tolerance, choice.name))
         if compare_all and not report.passed:
-            report.divergence = first_divergence(a, b, inputs[0], choice, tolerance)
+            report.divergence = first_divergence(_with_weights(a, path_a), _with_weights(b, path_b), inputs[0],
+                                                 choice, tolerance)
         if latency:
             report.latency = measure_latency(sess_a, sess_b, inputs[0], choice, rounds, progress)
     return report
@@ -247,9 +250,7 @@ def _compare_fp16(name, refs32, got_a, got_b, tolerance) -> OutputParity:
 
 
 def _float32_reference(model: ModelProto, names, inputs, choice, report: VerifyReport):
-    """Outputs of the original computed in float32, for models with float16 outputs; None otherwise."""
-    if not any(o.type.tensor_type.elem_type == TensorProto.FLOAT16 for o in model.graph.output):
-        return None
+    """Outputs of the original computed in float32 (for float16 models); None when no twin runs."""
     try:
         twin = float32_twin(model)
         with _Sources(twin) as (src,):
@@ -436,22 +437,29 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
     return feed
 
 
-def _as_model(src: model_io.ModelSource) -> ModelProto:
+def _as_model(src: model_io.ModelSource) -> tuple[ModelProto, str | None]:
+    """The model, and its path when onnxruntime can load it from there directly (no temporary copy)."""
     if isinstance(src, ModelProto):
-        return src
-    return model_io.load(src)[0]
+        return src, None
+    return model_io.load(src, weights=False)[0], os.fspath(src)
+
+
+def _with_weights(model: ModelProto, path: str | None) -> ModelProto:
+    return model_io.load(path)[0] if path and model_io.uses_external_data(model) else model
 
 
 class _Sources:
     """Session sources for models: the ModelProto itself, or a temporary file past protobuf's 2 GB limit."""
 
-    def __init__(self, *models: ModelProto):
+    def __init__(self, *models: ModelProto | str):
         self.models, self.tmp = models, None
 
     def __enter__(self):
         sources = []
         for i, m in enumerate(self.models):
-            if model_io.needs_external_data(m):
+            if isinstance(m, str):
+                sources.append(m)
+            elif model_io.needs_external_data(m):
                 if self.tmp is None:
                     self.tmp = tempfile.TemporaryDirectory(prefix="gconv-verify-")
                 path = os.path.join(self.tmp.name, f"model{i}.onnx")

@@ -143,16 +143,31 @@ def test_external_data_symlink_escaping_the_folder_is_refused(tmp_path):
         model_io.load(folder / "m.onnx")
 
 
-def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("external", [False, True])
+def test_a_write_that_fails_part_way_leaves_no_file(tmp_path, monkeypatch, external):
+    """The disk fills up after the first chunk: the previous OUT stays, nothing else is left."""
     model = onnx.load(MODELS / "resnext_native.onnx")
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous content")
 
-    def failing_fsync(fd):
+    def disk_full(f, data):
+        f.write(bytes(memoryview(data)[: len(data) // 2]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(model_io, "_write_chunks", disk_full)
+    before = model.SerializeToString()
     with pytest.raises(GconvError, match="No space left"):
-        model_io.save(model, out)
+        model_io.save(model, out, external_data=external)
     assert out.read_bytes() == b"previous content"
     assert os.listdir(tmp_path) == ["out.onnx"]
+    assert model.SerializeToString() == before  # the model in memory is intact
+
+
+def test_saving_with_external_data_leaves_the_model_intact(tmp_path):
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    before = model.SerializeToString()
+    model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    assert model.SerializeToString() == before
+    reloaded = onnx.load(tmp_path / "m.onnx")
+    assert [numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer] == [
+        numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
