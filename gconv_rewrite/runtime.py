@@ -113,7 +113,7 @@ CUDNN_CONV_ALGO_SEARCH = "EXHAUSTIVE"
 
 
 def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinning: bool = False,
-            tf32: bool = False, profile: bool = False):
+            tf32: bool = False, profile: bool = False, label: str = "the model"):
     """An InferenceSession (models over 2 GB must be passed as paths).
 
     Intra-op spinning is off by default: two sessions timed in one process otherwise steal
@@ -134,7 +134,7 @@ def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinn
         return ort.InferenceSession(source, opts, providers=providers)
     except Exception as exc:
         text = str(exc).strip().splitlines()
-        raise GconvError(f"onnxruntime cannot load the model: {text[0] if text else exc}") from None
+        raise GconvError(f"onnxruntime cannot load {label}: {text[0] if text else exc}") from None
 
 
 class Runner:

@@ -159,7 +159,8 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
             inputs.append(generate_inputs(a, input_shapes or {}, seed + 1, batch=1))
     report = VerifyReport(choice.name, choice.note, len(inputs))
     with _Sources(path_a or a, path_b or b) as (src_a, src_b):
-        sess_a, sess_b = runtime.session(src_a, choice), runtime.session(src_b, choice)
+        sess_a = runtime.session(src_a, choice, label="the original model")
+        sess_b = runtime.session(src_b, choice, label="the rewritten model")
         got_a = [_run(sess_a, names, feed) for feed in inputs]
         got_b = [_run(sess_b, names, feed) for feed in inputs]
         references = None

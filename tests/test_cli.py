@@ -136,3 +136,10 @@ def test_auto_provider_fallback_prints_nothing_from_onnxruntime(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "parity on " in proc.stdout and "PASS" in proc.stdout
+
+
+def test_rewriting_twice_gives_the_same_bytes(tmp_path):
+    once, twice, again = tmp_path / "1.onnx", tmp_path / "2.onnx", tmp_path / "3.onnx"
+    for src, out in ((SAMPLE, once), (once, twice), (SAMPLE, again)):
+        assert invoke(src, "-o", out, "--no-verify").exit_code == 0
+    assert once.read_bytes() == twice.read_bytes() == again.read_bytes()

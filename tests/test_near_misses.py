@@ -4,7 +4,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import pytest
+
 import gconv_rewrite as gr
+from gconv_rewrite.errors import GconvError
 
 from conftest import op_counts, run_ort
 
@@ -192,3 +195,34 @@ def test_grouped_conv_whose_output_is_a_graph_output_keeps_its_name():
     want, got = run_ort(model, {"x": x}), run_ort(result.model, {"x": x})
     for k in ("y", "z"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_custom_domain_ops_empty_and_duplicate_names_are_fine():
+    w = np.random.default_rng(0).standard_normal((C, C // G, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="same", group=G, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w"], ["b"], name="same", group=G, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w"], ["c"], name="", group=G, pads=[1, 1, 1, 1]),
+             helper.make_node("Gelu", ["c"], ["y"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, H])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, H, H])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(GconvError, match="onnxruntime cannot load the original model: .*same node name"):
+        gr.rewrite(model, "expand", verify_result=True, provider="cpu", latency=False)
+    result = gr.rewrite(model, "expand", verify_result=False)
+    assert [d.action for d in result.decisions] == ["expanded"] * 3
+    onnx.checker.check_model(result.model)
+    names = [n.name for n in result.model.graph.node if n.name]
+    assert len(names) == len(set(names)) + 1  # the two input nodes named "same" stay as they were
+    back = gr.rewrite(result.model, "fuse", verify_result=False)
+    assert op_counts(back.model) == op_counts(model)
+
+
+def test_empty_graph_is_passed_through():
+    graph = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    result = gr.rewrite(model, "auto", verify_result=True, provider="cpu")
+    assert result.decisions == [] and result.verification is None
+    assert result.model.SerializeToString() == model.SerializeToString()
