@@ -10,7 +10,7 @@ import click
 from . import api
 from .errors import GconvError
 from .model_io import check_writable
-from .rewrite import DIRECTIONS
+from .rewrite import DIRECTIONS, FORMS
 from .runtime import PROVIDERS
 
 
@@ -106,23 +106,26 @@ def _progress(label):
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="auto", show_default=True,
               help="fuse: emulations -> one Conv; expand: grouped Conv -> depthwise emulation; auto: per node.")
+@click.option("--form", type=click.Choice(FORMS), default=None,
+              help="Force every grouped conv into one form (experiments): native, dw, split or dense.")
 @click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
 @click.option("--force", is_flag=True, help="Write OUT even when parity fails.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
 @_verify_options
-def rewrite_cmd(model, output, direction, no_verify, force, in_place, **verify_options):
+def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify."""
-    _guard(lambda: _rewrite(model, output, direction, no_verify, force, in_place, verify_options))
+    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options))
 
 
-def _rewrite(model, output, direction, no_verify, force, in_place, verify_options):
+def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
-    result = api.rewrite(model, direction, verify_result=not no_verify, **_verify_kwargs(**verify_options))
+    result = api.rewrite(model, direction, form=form, verify_result=not no_verify, **_verify_kwargs(**verify_options))
     for d in result.decisions:
         click.echo(d.line())
-    counts = ", ".join(f"{result.count(a)} {a}" for a in ("fused", "expanded", "kept", "skipped"))
+    counts = ", ".join(f"{result.count(a)} {a}" for a in ("fused", "expanded", "converted", "kept", "skipped",
+                                                              "reverted") if a != "reverted" or result.count(a))
     click.echo(f"{len(result.decisions)} candidate(s): {counts}")
     report = result.verification
     if report is not None:

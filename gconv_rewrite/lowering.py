@@ -41,6 +41,22 @@ def expand_weights(weight: np.ndarray, bias: np.ndarray | None, group: int) -> t
     return depthwise, dw_bias
 
 
+def dense_weights(weight: np.ndarray, group: int) -> np.ndarray:
+    """Block-diagonal [C_out, C_in, k...] weight of the dense (group=1) Conv equal to the grouped one."""
+    c_out, cig = weight.shape[:2]
+    cog = c_out // group
+    dense = np.zeros((c_out, cig * group) + weight.shape[2:], dtype=weight.dtype)
+    for g in range(group):
+        dense[g * cog:(g + 1) * cog, g * cig:(g + 1) * cig] = weight[g * cog:(g + 1) * cog]
+    return dense
+
+
+def split_weights(weight: np.ndarray, bias: np.ndarray | None, group: int):
+    """Per-group (weight, bias) of the Split -> G Convs -> Concat form."""
+    cog = weight.shape[0] // group
+    return [(weight[g * cog:(g + 1) * cog], None if bias is None else bias[g * cog:(g + 1) * cog]) for g in range(group)]
+
+
 # -- channel map -> one Conv ---------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -19,10 +19,15 @@ from . import model_io
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
 from .geometry import ConvSpec
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
-from .lowering import conv_node, expand_weights, fuse_weights, int64_tensor, reduce_sum_node, tensor
+from .lowering import (conv_node, dense_weights, expand_weights, fuse_weights, int64_tensor, reduce_sum_node,
+                       split_weights, tensor)
 
 Direction = Literal["auto", "expand", "fuse"]
 DIRECTIONS = ("auto", "expand", "fuse")
+Form = Literal["native", "dw", "split", "dense"]
+FORMS = ("native", "dw", "split", "dense")
+_FORM_TEXT = {"native": "one Conv(group=G)", "dw": "depthwise Conv + Reshape + ReduceSum + Reshape",
+              "split": "Split -> G Convs -> Concat", "dense": "one dense Conv with block-diagonal weights"}
 
 
 @dataclass
@@ -31,7 +36,8 @@ class Decision:
 
     node: str
     kind: str  # "grouped_conv" (a native grouped Conv) | "emulation" (a depthwise Conv + channel sums)
-    action: str  # "expanded" | "fused" | "kept" | "skipped"
+    action: str  # "fused" (to one Conv) | "expanded" (to the depthwise emulation) | "converted" | "kept" | "skipped"
+    #              | "reverted" (auto mode: rewritten, but not measurably faster, so undone)
     computes: str  # what the node or region computes
     reason: str
     spec: ConvSpec | None = None
@@ -43,7 +49,7 @@ class Decision:
         """One human-readable line for the terminal."""
         where = "" if self.graph == "main" else f" [{self.graph}]"
         text = f"{self.action:<8} {self.node}{where}: {self.computes}"
-        if self.action in ("expanded", "fused"):
+        if self.action in ("expanded", "fused", "converted"):
             text += f" ({self.nodes_removed} -> {self.nodes_added} nodes)"
         if self.reason:
             text += f" - {self.reason}"
@@ -62,7 +68,7 @@ class RewriteResult:
 
     @property
     def changed(self) -> bool:
-        return any(d.action in ("expanded", "fused") for d in self.decisions)
+        return any(d.action in ("expanded", "fused", "converted") for d in self.decisions)
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
@@ -72,15 +78,20 @@ class RewriteResult:
         model_io.save(self.model, path, external_data=self.source.external_data or None)
 
 
-def rewrite_model(model: ModelProto, direction: Direction = "auto") -> list[Decision]:
-    """Rewrite `model` in place (callers pass their own copy) and return the decisions."""
+def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None) -> list[Decision]:
+    """Rewrite `model` in place (callers pass their own copy) and return the decisions.
+
+    `form` forces every grouped conv (native or emulated) into one form; `direction` then is moot.
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     shapes = ShapeTable(model)
     names = NameGen(model)
     opset = default_opset(model)
     decisions: list[Decision] = []
-    _rewrite_graph(model.graph, shapes, opset, None, "main", direction, names, decisions, model.ir_version)
+    _rewrite_graph(model.graph, shapes, opset, None, "main", (direction, form), names, decisions, model.ir_version)
     for fn in model.functions:
         for node in fn.node:
             if node.op_type == "Conv" and attr(node, "group", 1) > 1:
@@ -101,38 +112,47 @@ def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | No
         ix = GraphIndex(graph, shapes, opset, outer, path, ir_version)
     edit = _Edit()
     for cand in analyse(ix):
-        decision = _decide(cand, direction, opset)
+        decision, target = _decide(cand, direction, opset)
         decision.graph = path
-        if decision.action == "expanded":
-            _expand(ix, cand, names, edit, decision)
-        elif decision.action == "fused":
-            _fuse(ix, cand, names, edit, decision)
+        if target is not None:
+            _apply(ix, cand, target, names, edit, decision)
         decisions.append(decision)
     if edit:
         edit.commit(ix)
 
 
-def _decide(cand, direction: str, opset: int) -> Decision:
+def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
+    """What to do with a candidate: a Decision, and the form to write (None: leave it)."""
+    direction, form = direction
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
-                        cand.reason, cand.spec)
-    if isinstance(cand, NativeGrouped):
-        computes = f"grouped Conv {cand.spec.describe()}"
-        if direction == "expand":
-            if opset < 5:
-                return Decision(node_label(cand.node), "grouped_conv", "skipped", computes,
-                                f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
-                                cand.spec)
-            return Decision(node_label(cand.node), "grouped_conv", "expanded", computes,
-                            "to depthwise Conv + Reshape + ReduceSum + Reshape", cand.spec)
-        why = ("direction=fuse keeps native grouped Convs" if direction == "fuse"
-               else "native grouped Conv is the fastest form on onnxruntime CPU")
-        return Decision(node_label(cand.node), "grouped_conv", "kept", computes, why, cand.spec)
-    computes = f"emulation of a {cand.grouping.describe()}"
-    if direction == "expand":
-        return Decision(node_label(cand.dw), "emulation", "kept", computes, "direction=expand keeps emulations", cand.spec)
-    return Decision(node_label(cand.dw), "emulation", "fused", computes, "", cand.spec)
+                        cand.reason, cand.spec), None
+    native = isinstance(cand, NativeGrouped)
+    label = node_label(cand.node if native else cand.dw)
+    kind = "grouped_conv" if native else "emulation"
+    computes = f"grouped Conv {cand.spec.describe()}" if native else f"emulation of a {cand.grouping.describe()}"
+    current = "native" if native else "dw"
+    if form is None:
+        form = {"expand": "dw", "fuse": "native"}.get(direction, "native")
+        if direction == "expand" and not native:
+            return Decision(label, kind, "kept", computes, "direction=expand keeps emulations", cand.spec), None
+        if direction == "fuse" and native:
+            return Decision(label, kind, "kept", computes, "direction=fuse keeps native grouped Convs", cand.spec), None
+        if direction == "auto" and native:
+            return Decision(label, kind, "kept", computes, "native grouped Conv is the fastest form on onnxruntime CPU",
+                            cand.spec), None
+    elif not native and cand.grouping.is_depthwise and form != "native":
+        return Decision(label, kind, "skipped", computes, f"a depthwise Conv has no {form} form", cand.spec), None
+    if native and form == current:
+        return Decision(label, kind, "kept", computes, f"already in the {form} form", cand.spec), None
+    if form == "dw" and opset < 5:
+        return Decision(label, kind, "skipped", computes,
+                        f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
+                        cand.spec), None
+    action = {"native": "fused" if not native else "kept", "dw": "expanded" if native else "converted"}.get(form, "converted")
+    reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
+    return Decision(label, kind, action, computes, reason, cand.spec), form
 
 
 # -- edits ---------------------------------------------------------------------------------------
@@ -249,30 +269,77 @@ class _Liveness:
                 self.initializers.add(name)
 
 
-def _expand(ix: GraphIndex, cand: NativeGrouped, names: NameGen, edit: _Edit, decision: Decision) -> None:
-    node, spec = cand.node, cand.spec
-    g, cig, cog, rank = spec.group, spec.cig, spec.cog, spec.rank
-    base = node.name or node.output[0]
-    depthwise, dw_bias = expand_weights(cand.weight, cand.bias, g)
+def _apply(ix: GraphIndex, cand, form: str, names: NameGen, edit: _Edit, decision: Decision) -> None:
+    if isinstance(cand, NativeGrouped):
+        node = cand.node
+        new, inits = _emit(form, ix, node.input[0], cand.weight, cand.bias, cand.spec.group, node, node.output[0],
+                           node.name or node.output[0], names)
+        edit.replace[id(node)] = new
+        edit.initializers += inits
+        decision.nodes_removed, decision.nodes_added = 1, len(new)
+    else:
+        _fuse(ix, cand, names, edit, decision, form)
+
+
+def _emit(form: str, ix: GraphIndex, x: str, weight: np.ndarray, bias: np.ndarray | None, group: int,
+          template: NodeProto, out: str, base: str, names: NameGen) -> tuple[list[NodeProto], list]:
+    """Nodes and initializers computing the grouped Conv (weight, bias, group, template's attributes)
+    of `x` into `out`, in the given form."""
+    def const(suffix, array):
+        name = names(f"{base}.{suffix}")
+        inits.append(tensor(name, array))
+        return name
+
+    inits: list = []
+    node_name = template.name or names(f"{base}/conv")
+    if form == "native":
+        inputs = [x, const("weight", weight)] + ([const("bias", bias)] if bias is not None else [])
+        return [conv_node(template, inputs, out, group, node_name)], inits
+    if form == "dense":
+        inputs = [x, const("dense_weight", dense_weights(weight, group))] + (
+            [const("bias", bias)] if bias is not None else [])
+        return [conv_node(template, inputs, out, 1, node_name)], inits
+    if form == "split":
+        cig = weight.shape[1]
+        parts = [names(f"{base}.in{g}") for g in range(group)]
+        outs = [names(f"{base}.out{g}") for g in range(group)]
+        if ix.opset >= 13:
+            sizes = names(f"{base}.split_sizes")
+            inits.append(int64_tensor(sizes, [cig] * group))
+            new = [helper.make_node("Split", [x, sizes], parts, name=names(f"{base}/split"), axis=1)]
+        else:
+            new = [helper.make_node("Split", [x], parts, name=names(f"{base}/split"), axis=1, split=[cig] * group)]
+        for g, (w, b) in enumerate(split_weights(weight, bias, group)):
+            inputs = [parts[g], const(f"weight{g}", w)] + ([const(f"bias{g}", b)] if b is not None else [])
+            new.append(conv_node(template, inputs, outs[g], 1, names(f"{node_name}/group{g}")))
+        new.append(helper.make_node("Concat", outs, [out], name=names(f"{base}/concat"), axis=1))
+        return new, inits
+    return _emit_dw(ix, x, weight, bias, group, template, out, base, names, node_name, inits)
+
+
+def _emit_dw(ix, x, weight, bias, group, template, out, base, names, node_name, inits):
+    """Depthwise Conv (multiplier Cog) + Reshape [N,G,Cig,Cog,spatial] + ReduceSum + Reshape [N,Cout,spatial]."""
+    c_out, cig = weight.shape[:2]
+    g, cog, rank = group, c_out // group, weight.ndim - 2
+    depthwise, dw_bias = expand_weights(weight, bias, g)
     w_name = names(f"{base}.dw_weight")
-    inits = [tensor(w_name, depthwise)]
-    inputs = [node.input[0], w_name]
+    inits.append(tensor(w_name, depthwise))
+    inputs = [x, w_name]
     if dw_bias is not None:
         b_name = names(f"{base}.dw_bias")
         inits.append(tensor(b_name, dw_bias))
         inputs.append(b_name)
     dw_out = names(f"{base}.dw_out")
-    new = [conv_node(node, inputs, dw_out, spec.c_in, node.name or names(f"{base}/dw"))]
-    out_shape = ix.shape(node.output[0])
+    new = [conv_node(template, inputs, dw_out, g * cig, node_name)]
+    out_shape = ix.shape(out)
     spatial = list(out_shape[2:]) if out_shape is not None and len(out_shape) == rank + 2 else None
-    head5, head_out = [0, g, cig, cog], [0, spec.c_out]
+    head5, head_out = [0, g, cig, cog], [0, c_out]
+    shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
     if spatial is not None and all(isinstance(d, int) and d > 0 for d in spatial):
-        shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
         inits += [int64_tensor(shape_a, head5 + spatial), int64_tensor(shape_b, head_out + spatial)]
     else:  # dynamic spatial dims: read them from the depthwise output at run time
         dims, sp = names(f"{base}.dw_shape"), names(f"{base}.spatial")
         idx, h5, ho = names(f"{base}.spatial_axes"), names(f"{base}.head_grouped"), names(f"{base}.head_out")
-        shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
         inits += [int64_tensor(idx, list(range(2, 2 + rank))), int64_tensor(h5, head5), int64_tensor(ho, head_out)]
         new += [helper.make_node("Shape", [dw_out], [dims], name=names(f"{base}/shape")),
                 helper.make_node("Gather", [dims, idx], [sp], name=names(f"{base}/spatial"), axis=0),
@@ -281,15 +348,14 @@ def _expand(ix: GraphIndex, cand: NativeGrouped, names: NameGen, edit: _Edit, de
     grouped, summed = names(f"{base}.grouped"), names(f"{base}.summed")
     reduce, reduce_inits = reduce_sum_node(grouped, [2], summed, names(f"{base}/reduce_sum"), ix.opset,
                                            names(f"{base}.reduce_axes"))
+    inits += reduce_inits
     new += [helper.make_node("Reshape", [dw_out, shape_a], [grouped], name=names(f"{base}/reshape_grouped")),
             reduce,
-            helper.make_node("Reshape", [summed, shape_b], [node.output[0]], name=names(f"{base}/reshape_out"))]
-    edit.replace[id(node)] = new
-    edit.initializers += inits + reduce_inits
-    decision.nodes_removed, decision.nodes_added = 1, len(new)
+            helper.make_node("Reshape", [summed, shape_b], [out], name=names(f"{base}/reshape_out"))]
+    return new, inits
 
 
-def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision: Decision) -> None:
+def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision: Decision, form: str = "native") -> None:
     dw, grouping, cmap = cand.dw, cand.grouping, cand.cmap
     base = dw.name or dw.output[0]
     multiplier = cand.dw_weight.shape[0] // grouping.c_in
@@ -304,16 +370,11 @@ def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision
             edit.initializers.append(int64_tensor(perm_name, grouping.in_perm))
             new.append(helper.make_node("Gather", [dw.input[0], perm_name], [conv_in], name=names(f"{base}/permute_in"), axis=1))
             decision.reason = "input permutation applied with a Gather"
-    w_name = names(f"{base}.weight")
-    edit.initializers.append(tensor(w_name, weight))
-    inputs = [conv_in, w_name]
-    if bias is not None:
-        b_name = names(f"{base}.bias")
-        edit.initializers.append(tensor(b_name, bias))
-        inputs.append(b_name)
     needs_tail = grouping.out_order is not None or cmap.layout == "NLC"
     conv_out = names(f"{base}.out") if needs_tail else cand.output
-    new.append(conv_node(dw, inputs, conv_out, grouping.group, dw.name or names(f"{base}/grouped")))
+    body, inits = _emit(form, ix, conv_in, weight, bias, grouping.group, dw, conv_out, base, names)
+    new += body
+    edit.initializers += inits
     current = conv_out
     if grouping.out_order is not None:
         inv = np.empty_like(grouping.out_order)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import sys
 import time
@@ -199,6 +200,18 @@ def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.03, 
     k = int(min(50, max(3, np.ceil(min_round_s / max(min(t_a, t_b), 1e-6)))))
     a_ms, b_ms = [], []
     clock = time.perf_counter
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()  # as timeit does: a collection of someone else's garbage must not land in one round
+    try:
+        _rounds(run_a, run_b, rounds, k, a_ms, b_ms, clock, progress)
+    finally:
+        if collecting:
+            gc.enable()
+    return Timing(a_ms, b_ms, k, (warm_a, warm_b))
+
+
+def _rounds(run_a, run_b, rounds, k, a_ms, b_ms, clock, progress) -> None:
     for r in range(rounds):
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
             run = run_a if which == 0 else run_b
@@ -210,7 +223,6 @@ def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.03, 
             (a_ms if which == 0 else b_ms).append(float(np.median(times)) * 1000)
         if progress is not None:
             progress(r + 1, rounds)
-    return Timing(a_ms, b_ms, k, (warm_a, warm_b))
 
 
 def ort_version() -> str:

@@ -119,3 +119,25 @@ def test_float64_is_kept_and_checked():
     back = gr.rewrite(expanded.model, "fuse", verify_result=False)
     w = [onnx.numpy_helper.to_array(t) for t in back.model.graph.initializer if t.dims and len(t.dims) == 4]
     assert len(w) == 1 and w[0].dtype == np.float64 and w[0].tobytes() == sample.weight.tobytes()
+
+
+@SETTINGS
+@given(geometries(native=True), st.sampled_from(["native", "nhwc_tf2onnx", "interleaved"]),
+       st.sampled_from(["native", "dw", "split", "dense"]))
+def test_every_form_from_every_source(geometry, layout, form):
+    """Forced forms (for experiments and the cost model): each computes the same function."""
+    sample = grouped_conv_model(layout, **geometry)
+    result = gr.rewrite(sample.model, form=form, verify_result=False)
+    (d,) = result.decisions
+    expected = "kept" if (layout == "native" and form == "native") else (
+        "fused" if form == "native" else "expanded" if (form == "dw" and layout == "native") else "converted")
+    assert d.action == expected, d.line()
+    onnx.checker.check_model(result.model, full_check=True)
+    ops = op_counts(result.model)
+    if form == "split":
+        assert ops["Split"] == 1 and ops["Concat"] == 1 and ops["Conv"] == geometry["groups"]
+    if form == "dense":
+        conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
+        assert all(a.i == 1 for a in conv.attribute if a.name == "group")
+    feed = random_input(sample, geometry)
+    assert_same_outputs(sample.model, result.model, feed, geometry["dtype"])

@@ -118,3 +118,26 @@ def test_different_outputs_are_refused():
     b.graph.node[-1].output[0] = "renamed"
     with pytest.raises(GconvError, match="different outputs"):
         gr.verify(a, b, "cpu", latency=False)
+
+
+def test_auto_never_regresses(monkeypatch):
+    """auto mode undoes a rewrite that the interleaved timing cannot show to be faster."""
+    from dataclasses import replace
+
+    import sys
+    verify_module = sys.modules["gconv_rewrite.verify"]  # the package's `verify` is the function
+    real = verify_module.measure_latency
+    model = onnx.load(MODELS / "resnext_emulated_nchw.onnx")
+    faster = gr.rewrite(model, "auto", provider="cpu", rounds=10)
+    assert faster.verification.latency.verdict == "faster" and faster.count("fused") == 2
+
+    def no_gain(*args, **kwargs):  # the real measurement, read as if it had found no difference
+        return replace(real(*args, **kwargs), ratio=1.0, verdict="within noise")
+
+    monkeypatch.setattr(verify_module, "measure_latency", no_gain)
+    same = gr.rewrite(model, "auto", provider="cpu", rounds=5)
+    assert [d.action for d in same.decisions] == ["reverted", "reverted"]
+    assert "not faster beyond the noise" in same.decisions[0].reason
+    assert same.model.SerializeToString() == model.SerializeToString()
+    forced = gr.rewrite(model, "fuse", provider="cpu", rounds=5)  # an explicit direction is obeyed
+    assert forced.count("fused") == 2
