@@ -140,18 +140,26 @@ def _conv_spec(ix: GraphIndex, node: NodeProto, wdims, dtype) -> ConvSpec:
     return spec_from_conv(node, wdims, dtype, ix.shape(node.input[0]), ix.shape(node.output[0]))
 
 
-def _native(ix: GraphIndex, node: NodeProto) -> Candidate:
+def _conv_params(ix: GraphIndex, node: NodeProto) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """A Conv's constant weight and bias, and why they cannot be used ('' when they can)."""
     weight = ix.constant(node.input[1])
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = ix.constant(node.input[2])
         if bias is None:
-            return Skip(node, "grouped_conv", "bias is not a constant")
+            return weight, None, "bias is not a constant"
+    if weight.dtype.kind != "f":
+        return weight, bias, f"weight dtype {weight.dtype} is not floating point"
+    return weight, bias, ""
+
+
+def _native(ix: GraphIndex, node: NodeProto) -> Candidate:
+    weight, bias, problem = _conv_params(ix, node)
+    if problem:
+        return Skip(node, "grouped_conv", problem)
     spec = _conv_spec(ix, node, weight.shape, weight.dtype)
     if spec.c_out % spec.group:
         return Skip(node, "grouped_conv", f"C_out={spec.c_out} is not a multiple of group={spec.group}", spec)
-    if weight.dtype.kind != "f":
-        return Skip(node, "grouped_conv", f"weight dtype {weight.dtype} is not floating point", spec)
     return NativeGrouped(node, spec, weight, bias)
 
 
@@ -159,16 +167,11 @@ def _native(ix: GraphIndex, node: NodeProto) -> Candidate:
 
 def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     y0 = dw.output[0]
-    weight = ix.constant(dw.input[1])
-    dw_bias = None
-    if len(dw.input) > 2 and dw.input[2]:
-        dw_bias = ix.constant(dw.input[2])
-        if dw_bias is None:
-            return Skip(dw, "emulation", "depthwise bias is not a constant")
+    weight, dw_bias, problem = _conv_params(ix, dw)
+    if problem:
+        return Skip(dw, "emulation", f"depthwise {problem}")
     c_in = attr(dw, "group", 1)
     multiplier = weight.shape[0] // c_in
-    if weight.dtype.kind != "f":
-        return Skip(dw, "emulation", f"weight dtype {weight.dtype} is not floating point")
     region, boundary, refused = _grow_region(ix, y0)
     if not _SUMMING_OPS & ({n.op_type for n in region} | refused):
         return None  # a plain depthwise Conv followed by, say, a Flatten: nothing emulated here

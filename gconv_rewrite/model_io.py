@@ -149,6 +149,10 @@ def validate(model: ModelProto, label: str = "model") -> None:
             raise GconvError(f"{label}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
                              f"its dims {list(tensor.dims)} need {expected}")
     skel = skeleton(model)
+    try:  # strict: inconsistent types or shapes are bad input (ops without a known schema are skipped)
+        onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise GconvError(f"{label}: shape inference fails ({_first_line(exc)})") from None
     # The checker insists on a `shape` field on graph inputs/outputs, which onnxruntime treats as
     # optional (absent = unknown shape); do not refuse models that every runtime accepts.
     for vi in list(skel.graph.input) + list(skel.graph.output):
@@ -186,8 +190,9 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
         raise GconvError(f"{path}: output folder does not exist")
     if external_data is None:
         external_data = needs_external_data(model)
+    _remove_stale_temporaries(target_dir)
     try:
-        tmp_dir = tempfile.mkdtemp(prefix=".gconv-", dir=target_dir)
+        tmp_dir = tempfile.mkdtemp(prefix=f".gconv-{os.getpid()}-", dir=target_dir)
     except OSError as exc:
         raise GconvError(f"{path}: cannot write to the output folder ({exc.strerror})") from None
     try:
@@ -208,6 +213,33 @@ def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None 
         for leftover in Path(tmp_dir).glob("*"):
             leftover.unlink(missing_ok=True)
         os.rmdir(tmp_dir)
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Remove what a killed run (SIGKILL, power loss) left: `.gconv-<pid>-*` of processes that are gone."""
+    for entry in Path(folder).glob(".gconv-*-*"):
+        try:
+            pid = int(entry.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        for leftover in entry.glob("*"):
+            leftover.unlink(missing_ok=True)
+        try:
+            entry.rmdir()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _CHUNK = 64 << 20

@@ -143,3 +143,16 @@ def test_rewriting_twice_gives_the_same_bytes(tmp_path):
     for src, out in ((SAMPLE, once), (once, twice), (SAMPLE, again)):
         assert invoke(src, "-o", out, "--no-verify").exit_code == 0
     assert once.read_bytes() == twice.read_bytes() == again.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus"], "No such option '--bogus'"),
+    ([], "Missing option '-o'"),
+    (["-o", "/nonexistent-folder/out.onnx"], "output folder does not exist"),
+    (["-o", "{tmp}"], "is a directory"),
+])
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(SAMPLE)] + args, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

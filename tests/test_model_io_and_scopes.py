@@ -171,3 +171,52 @@ def test_saving_with_external_data_leaves_the_model_intact(tmp_path):
     reloaded = onnx.load(tmp_path / "m.onnx")
     assert [numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer] == [
         numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
+
+
+def test_a_run_killed_mid_write_leaves_no_file_and_its_leftovers_are_cleaned(tmp_path):
+    """SIGKILL during the write: OUT never appears; the next save removes the dead run's temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    out = tmp_path / "out.onnx"
+    # A child that starts an atomic save and is killed while its temporary file is half written.
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import os, time, onnx
+from gconv_rewrite import model_io
+def stall(f, data):
+    f.write(bytes(memoryview(data)[:1000])); f.flush(); print('writing', flush=True); time.sleep(60)
+model_io._write_chunks = stall
+model_io.save(onnx.load({str(MODELS / 'resnext_native.onnx')!r}), {str(out)!r})
+"""], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert not out.exists() and len(leftovers) == 1 and leftovers[0].startswith(f".gconv-{child.pid}-")
+    model_io.save(model, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    assert onnx.load(out).SerializeToString() == model.SerializeToString()
+
+
+def test_unsupported_versions_and_inconsistent_models_are_refused(tmp_path):
+    model = onnx.load(MODELS / "resnext_native.onnx")
+    for field, value, message in (("ir_version", 99, "unsupported IR version 99"),):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        setattr(bad, field, value)
+        with pytest.raises(GconvError, match=message):
+            model_io.load(bad)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.opset_import[0].version = 99
+    with pytest.raises(GconvError, match="unsupported opset 99"):
+        model_io.load(bad)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "i"], ["y"])], "g", [x, i],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    inconsistent = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(GconvError, match="shape inference fails"):
+        model_io.load(inconsistent)

@@ -116,26 +116,24 @@ def test_split_sizes_that_cannot_be_computed_are_a_skip_not_a_crash():
     assert all(d.action == "skipped" for d in result.decisions)
 
 
-def test_expand_before_opset_5_is_skipped_with_the_reason():
+def native_ir3_model(opset):
+    """A grouped Conv in IR 3 style: the weight is an initializer and also a graph input."""
     w = np.random.default_rng(0).standard_normal((G * COG, CIG, 3, 3)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["out"], group=G, pads=[1, 1, 1, 1])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 5, 5]),
                                helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, G * COG, 5, 5])],
                               [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 4)], ir_version=3)
-    d, out = decision(model, "expand")
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
+
+
+def test_expand_before_opset_5_is_skipped_with_the_reason():
+    d, out = decision(native_ir3_model(4), "expand")
     assert d.action == "skipped" and "opset 4 < 5" in d.reason
 
 
 def test_ir3_models_with_initializers_listed_as_inputs_are_rewritten_validly():
-    w = np.random.default_rng(0).standard_normal((G * COG, CIG, 3, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["out"], group=G, pads=[1, 1, 1, 1])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 5, 5]),
-                               helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, G * COG, 5, 5])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    model = native_ir3_model(8)
     d, out = decision(model, "expand")
     assert d.action == "expanded"
     onnx.checker.check_model(out)
