@@ -66,6 +66,7 @@ def test_non_constant_weight():
 def test_reshape_target_not_computable():
     model = model_with([dw_node(), helper.make_node("Reshape", ["d", "shape"], ["y"])], dw_inits(),
                        inputs=(("x", [1, C, H, H]), ("shape", [6])))
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.INT64
     d = only_decision(model)
     assert d.action == "skipped" and "Reshape dw" not in d.reason and "non-constant parameters" in d.reason
 
