@@ -7,12 +7,13 @@
     result.save("out.onnx")
 """
 
-from .api import rewrite
+from .api import inspect, rewrite
+from .inspection import Finding, InspectReport
 from .errors import GconvError, VerificationError
 from .geometry import ConvSpec
 from .rewrite import Decision, RewriteResult
 from .verify import OutputParity, VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["rewrite", "verify", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
+__all__ = ["rewrite", "verify", "inspect", "InspectReport", "Finding", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
            "GconvError", "VerificationError", "__version__"]

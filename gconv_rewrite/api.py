@@ -9,9 +9,10 @@ import numpy as np
 from . import model_io
 from .model_io import ModelSource
 from .rewrite import DIRECTIONS, Direction, Form, RewriteResult, rewrite_model
+from .inspection import InspectReport, inspect
 from .verify import VerifyReport, verify
 
-__all__ = ["rewrite", "verify", "RewriteResult", "VerifyReport"]
+__all__ = ["rewrite", "verify", "inspect", "RewriteResult", "VerifyReport", "InspectReport"]
 
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | None = None, verify_result: bool = True,
@@ -36,7 +37,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
         rewritten.CopyFrom(original)
-    decisions = rewrite_model(rewritten, direction, form)
+    decisions = rewrite_model(rewritten, direction, form, info.value_infos)
     result = RewriteResult(rewritten, decisions, direction, info)
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy

@@ -59,6 +59,7 @@ def main():
     \b
       gconv-rewrite MODEL -o OUT [--direction auto|expand|fuse]   rewrite and verify
       gconv-rewrite verify A.onnx B.onnx                          compare two models
+      gconv-rewrite inspect MODEL                                 list candidates, write nothing
     """
 
 
@@ -136,6 +137,22 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
             sys.exit(1)
     result.save(output)
     click.echo(f"wrote {output}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON only.")
+def inspect_cmd(model, as_json):
+    """List every grouped Conv and emulation in MODEL: what it computes, why a near-miss is one. Writes nothing."""
+    def run():
+        report = api.inspect(model)
+        if as_json:
+            import json
+            click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        else:
+            for line in report.lines():
+                click.echo(line)
+    _guard(run)
 
 
 @main.command("verify")

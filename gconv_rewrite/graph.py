@@ -162,9 +162,9 @@ class ShapeTable:
     keep their values for data propagation. Models without candidates never pay for it.
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto] | None = None):
         self._model = model
-        self._infos: dict[str, onnx.ValueInfoProto] | None = None
+        self._infos = infos  # already inferred (model_io.load validates with the same inference)
         self._cache: dict[str, Shape | None] = {}
         self._init_dims = {}
 
@@ -213,6 +213,11 @@ def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoPro
                                                      data_prop=True)
     except Exception:  # inference is a help, not a requirement: analysis falls back to probe sizes
         inferred = skeleton_model
+    return value_infos(inferred)
+
+
+def value_infos(inferred: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every value's ValueInfo in an inferred model, subgraphs included."""
     infos: dict[str, onnx.ValueInfoProto] = {}
     _collect_value_infos(inferred.graph, infos)
     return infos

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,7 @@ class ModelInfo:
     ir_version: int
     opsets: dict[str, int]
     external_data: bool
+    value_infos: dict = field(default_factory=dict, compare=False, repr=False)  # from validation's inference
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
@@ -122,8 +123,9 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
     _check_versions(model, path or "model")
-    validate(model, path or "model")
-    return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external)
+    infos = validate(model, path or "model")
+    return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external,
+                            value_infos=infos)
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -138,9 +140,10 @@ def check_writable(path: str | os.PathLike) -> None:
         raise GconvError(f"{path}: not writable")
 
 
-def validate(model: ModelProto, label: str = "model") -> None:
-    """onnx.checker on the model's structure (a weightless copy, so it is cheap) and the sizes of its weights."""
-    from .graph import skeleton  # the graph helpers need nothing from here
+def validate(model: ModelProto, label: str = "model") -> dict:
+    """onnx.checker and strict shape inference on the model's structure (a weightless copy, so it
+    is cheap) and the sizes of its weights; returns the inferred ValueInfos for the analysis."""
+    from .graph import skeleton, value_infos  # the graph helpers need nothing from here
 
     for tensor in iter_tensors(model):
         expected = tensor_nbytes(tensor)
@@ -150,9 +153,11 @@ def validate(model: ModelProto, label: str = "model") -> None:
                              f"its dims {list(tensor.dims)} need {expected}")
     skel = skeleton(model)
     try:  # strict: inconsistent types or shapes are bad input (ops without a known schema are skipped)
-        onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise GconvError(f"{label}: shape inference fails ({_first_line(exc)})") from None
+    infos = value_infos(inferred)
+    del inferred
     # The checker insists on a `shape` field on graph inputs/outputs, which onnxruntime treats as
     # optional (absent = unknown shape); do not refuse models that every runtime accepts.
     for vi in list(skel.graph.input) + list(skel.graph.output):
@@ -166,6 +171,7 @@ def validate(model: ModelProto, label: str = "model") -> None:
         raise GconvError(f"{label}: invalid model ({_first_line(exc)})") from None
     except Exception as exc:
         raise GconvError(f"{label}: invalid model ({type(exc).__name__}: {_first_line(exc)})") from None
+    return infos
 
 
 def _check_versions(model: ModelProto, label: str) -> None:

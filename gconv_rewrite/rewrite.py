@@ -78,16 +78,18 @@ class RewriteResult:
         model_io.save(self.model, path, external_data=self.source.external_data or None)
 
 
-def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None) -> list[Decision]:
+def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,
+                  value_infos: dict | None = None) -> list[Decision]:
     """Rewrite `model` in place (callers pass their own copy) and return the decisions.
 
     `form` forces every grouped conv (native or emulated) into one form; `direction` then is moot.
+    `value_infos`: the model's inferred shapes when already known (model_io.load returns them).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     if form is not None and form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
-    shapes = ShapeTable(model)
+    shapes = ShapeTable(model, value_infos or None)
     names = NameGen(model)
     opset = default_opset(model)
     decisions: list[Decision] = []

@@ -1,0 +1,40 @@
+"""`inspect`: a read-only survey of grouped Convs and emulations."""
+
+import json
+
+import onnx
+from click.testing import CliRunner
+
+import gconv_rewrite as gr
+from gconv_rewrite.cli import main
+
+from conftest import FIXTURES, MODELS
+
+
+def test_inspect_reports_native_emulated_and_wrong_emulations():
+    native = gr.inspect(MODELS / "resnext_native.onnx")
+    assert [f.status for f in native.findings] == ["native", "native"]
+    first = native.findings[0]
+    assert first.spec.group == 8 and first.spec.cig == 8 and first.spec.output_shape[2:] == (14, 14)
+    # The emulation of that conv would hold Cig x the output: 8 * 64 * 14 * 14 floats per image.
+    assert abs(first.intermediate_mb_per_image - 8 * 64 * 14 * 14 * 4 / 2**20) < 1e-9
+    wrong = gr.inspect(MODELS / "resnext_wrong_emulation.onnx")
+    assert all(f.status == "emulated" and "NOT a grouped conv" in f.computes for f in wrong.findings)
+    tf = gr.inspect(FIXTURES / "tf_interleaved_cig_c.onnx")
+    assert [f.computes for f in tf.findings] == [
+        "grouped Conv G=4 (Cig=8, Cog=4) up to an input-channel permutation"]
+    assert tf.findings[0].emulation_nodes == 5  # Conv, Transpose, Reshape, ReduceSum, Transpose
+
+
+def test_inspect_writes_nothing_and_prints_json(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "resnext_emulated_tf.onnx").read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0 and result.output.count("emulated ") == 2
+    assert "2 candidate(s): 0 native grouped, 2 emulated, 0 skipped" in result.output
+    as_json = CliRunner().invoke(main, ["inspect", str(src), "--json"])
+    data = json.loads(as_json.output)
+    assert [f["status"] for f in data["findings"]] == ["emulated", "emulated"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert onnx.load(src).SerializeToString() == (MODELS / "resnext_emulated_tf.onnx").read_bytes()
