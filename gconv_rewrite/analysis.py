@@ -206,7 +206,7 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
         out_shape = (out_shape[0], out_shape[-1]) + tuple(out_shape[1:-1])
     spec = spec_from_conv(dw, (grouping.c_out, grouping.cig) + tuple(weight.shape[2:]), weight.dtype,
                           ix.shape(dw.input[0]), out_shape)
-    spec = ConvSpec(**{**spec.__dict__, "group": grouping.group})
+    spec = ConvSpec(**{**spec.__dict__, "group": grouping.group, "c_in": grouping.c_in})
     return Emulation(dw, spec, nodes, output, cmap, grouping, weight, dw_bias)
 
 

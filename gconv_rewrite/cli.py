@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -112,31 +113,65 @@ def _progress(label):
 @click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
 @click.option("--force", is_flag=True, help="Write OUT even when parity fails.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary and errors.")
 @_verify_options
-def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, **verify_options):
+def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet,
+                **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify."""
-    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options))
+    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
+                            report_path, as_json, quiet))
 
 
-def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options):
+def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
+             as_json=False, quiet=False):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
+    if report_path:
+        check_writable(report_path)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, **_verify_kwargs(**verify_options))
-    for d in result.decisions:
-        click.echo(d.line())
+    say = (lambda *a, **k: None) if as_json else click.echo
+    if not quiet:
+        for d in result.decisions:
+            say(d.line())
     counts = ", ".join(f"{result.count(a)} {a}" for a in ("fused", "expanded", "converted", "kept", "skipped",
                                                               "reverted") if a != "reverted" or result.count(a))
-    click.echo(f"{len(result.decisions)} candidate(s): {counts}")
+    say(f"{len(result.decisions)} candidate(s): {counts}")
     report = result.verification
     if report is not None:
-        for line in report.lines():
-            click.echo(line)
-        if not report.passed and not force:
-            click.echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
-            sys.exit(1)
+        for line in report.lines() if not quiet else report.lines()[:1] + ([report.latency.line()] if report.latency else []):
+            say(line)
+    data = result.to_dict() | {"output": output}
+    failed = report is not None and not report.passed and not force
+    data["written"] = not failed
+    if report_path:
+        _write_json(report_path, data)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=_jsonable))
+    if failed:
+        click.echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
+        sys.exit(1)
     result.save(output)
-    click.echo(f"wrote {output}")
+    say(f"wrote {output}")
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _write_json(path, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise GconvError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
 
 
 @main.command("inspect")
@@ -147,8 +182,7 @@ def inspect_cmd(model, as_json):
     def run():
         report = api.inspect(model)
         if as_json:
-            import json
-            click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+            click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
         else:
             for line in report.lines():
                 click.echo(line)

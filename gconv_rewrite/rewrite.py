@@ -7,6 +7,7 @@ regions changes: names, value_info, metadata, IR version and opsets are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,6 +57,11 @@ class Decision:
         return text
 
 
+# JSON report: bump REPORT_VERSION on any change that is not a pure addition of fields.
+REPORT_SCHEMA = "gconv-rewrite/rewrite-report"
+REPORT_VERSION = 1
+
+
 @dataclass
 class RewriteResult:
     """The rewritten model, one Decision per candidate, and (when run) the verification report."""
@@ -76,6 +82,17 @@ class RewriteResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically; external data beside it if the input had some or it exceeds 2 GB."""
         model_io.save(self.model, path, external_data=self.source.external_data or None)
+
+    def to_dict(self) -> dict:
+        """The report as plain data (REPORT_SCHEMA, version REPORT_VERSION): what --report and --json write."""
+        from . import __version__
+        counts = {a: self.count(a) for a in ("fused", "expanded", "converted", "kept", "skipped", "reverted")}
+        return {
+            "schema": REPORT_SCHEMA, "version": REPORT_VERSION, "tool_version": __version__,
+            "input": self.source.path, "direction": self.direction, "counts": counts,
+            "decisions": [dataclasses.asdict(d) for d in self.decisions],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
 
 
 def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,

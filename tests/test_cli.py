@@ -156,3 +156,20 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", str(SAMPLE)] + args, capture_output=True, text=True)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_json_and_report_carry_the_same_versioned_report(tmp_path):
+    import json
+    report = tmp_path / "report.json"
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--provider", "cpu", "--rounds", "3", "--json",
+                    "--report", report)
+    assert result.exit_code == 0
+    printed = json.loads(result.output)  # nothing but JSON on stdout
+    written = json.loads(report.read_text())
+    assert printed == written
+    assert (written["schema"], written["version"]) == ("gconv-rewrite/rewrite-report", 1)
+    assert written["counts"]["fused"] == 2 and written["written"] is True
+    assert written["verification"]["passed"] is True and written["verification"]["latency"]["verdict"] in (
+        "faster", "slower", "within noise")
+    quiet = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "-q", "--no-verify")
+    assert quiet.exit_code == 0 and "fused " not in quiet.output and "2 candidate(s)" in quiet.output

@@ -36,5 +36,7 @@ def test_inspect_writes_nothing_and_prints_json(tmp_path):
     as_json = CliRunner().invoke(main, ["inspect", str(src), "--json"])
     data = json.loads(as_json.output)
     assert [f["status"] for f in data["findings"]] == ["emulated", "emulated"]
+    spec = data["findings"][1]["spec"]  # the conv the emulation equals, not the depthwise one
+    assert (spec["c_in"], spec["c_out"], spec["group"]) == (64, 64, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert onnx.load(src).SerializeToString() == (MODELS / "resnext_emulated_tf.onnx").read_bytes()
