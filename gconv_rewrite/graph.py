@@ -198,6 +198,10 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     input_names = {i.name for i in src.input}
+    for sparse in src.sparse_initializer:  # a dense-typed stand-in, as onnxruntime densifies them
+        if sparse.values.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(sparse.values.name, sparse.values.data_type,
+                                                              list(sparse.dims)))
     for init in src.initializer:
         if _num_elements(init) <= 4096 and init.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(init)

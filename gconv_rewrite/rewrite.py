@@ -121,15 +121,19 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
 
 
 def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | None, path: str,
-                   direction: str, names: NameGen, decisions: list[Decision], ir_version: int) -> None:
+                   direction: str, names: NameGen, decisions: list[Decision], ir_version: int) -> set[str]:
+    """Rewrite one graph, its subgraphs first; returns the enclosing-scope names it no longer reads."""
+    reads_before = outer_references(graph) if outer is not None else set()
     ix = GraphIndex(graph, shapes, opset, outer, path, ir_version)
     nested = [(node, sub) for node in ix.nodes if node.attribute for sub in subgraphs(node)]
+    dropped: set[str] = set()
     for node, sub in nested:
-        _rewrite_graph(sub, shapes, opset, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}",
-                       direction, names, decisions, ir_version)
+        dropped |= _rewrite_graph(sub, shapes, opset, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}",
+                                  direction, names, decisions, ir_version)
     if nested:
         ix = GraphIndex(graph, shapes, opset, outer, path, ir_version)
     edit = _Edit()
+    edit.seeds = sorted(dropped)  # weights a rewritten body no longer reads may now be dead here
     for cand in analyse(ix):
         decision, target = _decide(cand, direction, opset)
         decision.graph = path
@@ -138,6 +142,7 @@ def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | No
         decisions.append(decision)
     if edit:
         edit.commit(ix)
+    return reads_before - outer_references(graph) if outer is not None else set()
 
 
 def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
@@ -183,9 +188,10 @@ class _Edit:
         self.replace: dict[int, list[NodeProto]] = {}
         self.remove: set[int] = set()
         self.initializers: list[onnx.TensorProto] = []
+        self.seeds: list[str] = []  # names that may have lost their last reader outside this edit
 
     def __bool__(self):
-        return bool(self.replace or self.remove)
+        return bool(self.replace or self.remove or self.seeds)
 
     def busy(self, node: NodeProto) -> bool:
         return id(node) in self.replace or id(node) in self.remove
@@ -194,7 +200,7 @@ class _Edit:
         graph = ix.graph
         planned: list[NodeProto] = []
         new_nodes: list[NodeProto] = []
-        seeds: list[str] = []
+        seeds: list[str] = list(self.seeds)
         for node in ix.nodes:
             key = id(node)
             if key in self.replace or key in self.remove:

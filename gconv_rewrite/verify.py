@@ -434,7 +434,7 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
             value = rng.integers(0, 10, size=dims).astype(dtype)
         else:
             raise GconvError(f"input '{vi.name}' has dtype {dtype}, which cannot be generated; pass inputs explicitly")
-        feed[vi.name] = value
+        feed[vi.name] = np.asarray(value)  # a 0-d draw is a numpy scalar; onnxruntime wants an array
     return feed
 
 

@@ -53,7 +53,9 @@ def test_grouped_convs_inside_if_branches_are_rewritten_both_ways():
     assert [d.action for d in back.decisions] == ["fused", "fused"]
     for branch in back.model.graph.node[0].attribute:
         assert [n.op_type for n in branch.g.node] == ["Conv"]
-    assert back.model.graph.initializer[0].name == "w1"  # outer weights still there, unchanged
+    weights = sorted(numpy_helper.to_array(t).tobytes() for a in back.model.graph.node[0].attribute
+                     for t in a.g.initializer)
+    assert weights == sorted(numpy_helper.to_array(t).tobytes() for t in model.graph.initializer)  # bit for bit
 
 
 def test_grouped_conv_in_a_function_is_reported_not_rewritten():
@@ -220,3 +222,65 @@ def test_unsupported_versions_and_inconsistent_models_are_refused(tmp_path):
     inconsistent = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(GconvError, match="shape inference fails"):
         model_io.load(inconsistent)
+
+
+def test_weights_a_rewritten_body_no_longer_reads_are_dropped_from_the_outer_graph():
+    expanded = gr.rewrite(if_model(), "expand", verify_result=False).model
+    assert sorted(t.name for t in expanded.graph.initializer) == []  # w1, w2 now live as dw weights in the bodies
+    onnx.checker.check_model(expanded)
+    x = np.random.default_rng(0).standard_normal((1, C, H, H)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run_ort(expanded, feed)["y"], run_ort(if_model(), feed)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_initializers_and_external_constants_and_subgraph_weights(tmp_path):
+    """Valid models with a sparse initializer, or with Constant-node / If-body weights stored as
+    external data, are rewritten and verified; saving moves those weights out too."""
+    model = if_model()
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    # put the outer weights into the If bodies as initializers, then save everything externally
+    for attr_ in model.graph.node[0].attribute:
+        body = attr_.g
+        name = body.node[0].input[1]
+        body.initializer.extend(t for t in model.graph.initializer if t.name == name)
+    del model.graph.initializer[:]
+    onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+                    size_threshold=0)
+    result = gr.rewrite(src, "expand", provider="cpu", latency=False)
+    assert result.verification.passed and result.count("expanded") == 2
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    result.save(out)
+    header = onnx.load(out, load_external_data=False)
+    inline = [t for a in header.graph.node[0].attribute for t in a.g.initializer
+              if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+    assert inline == []
+    onnx.checker.check_model(str(out))
+    sparse = onnx.load(MODELS / "resnext_native.onnx")
+    dense = sparse.graph.initializer[0]
+    values = numpy_helper.to_array(dense).reshape(-1)
+    nz = np.flatnonzero(values)
+    sp = helper.make_sparse_tensor(numpy_helper.from_array(values[nz], dense.name),
+                                   numpy_helper.from_array(nz.astype(np.int64), dense.name + "_idx"), list(dense.dims))
+    sparse.graph.sparse_initializer.append(sp)
+    del sparse.graph.initializer[0]
+    onnx.checker.check_model(sparse)
+    assert [f.status for f in gr.inspect(sparse).findings] == ["native", "native"]
+
+
+def test_external_save_moves_constant_node_weights_too(tmp_path):
+    w = np.random.default_rng(0).standard_normal((64, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+             helper.make_node("Conv", ["x", "w"], ["y"], group=8, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 5, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    before = model.SerializeToString()
+    model_io.save(model, tmp_path / "c.onnx", external_data=True)
+    assert model.SerializeToString() == before
+    assert (tmp_path / "c.onnx.data").stat().st_size == w.nbytes
+    assert (tmp_path / "c.onnx").stat().st_size < 2000
+    x = np.random.default_rng(1).standard_normal((1, 64, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(run_ort(str(tmp_path / "c.onnx"), {"x": x})["y"], run_ort(model, {"x": x})["y"])
