@@ -166,7 +166,6 @@ class ShapeTable:
         self._model = model
         self._infos = infos  # already inferred (model_io.load validates with the same inference)
         self._cache: dict[str, Shape | None] = {}
-        self._init_dims = {}
 
     def get(self, name: str) -> Shape | None:
         if name in self._cache:

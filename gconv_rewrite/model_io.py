@@ -302,23 +302,15 @@ def _write_with_external_data(model: ModelProto, model_path: str, data_path: str
     _copy_fields(src, graph, skip="initializer")
     with open(data_path, "wb") as data:
         for tensor in src.initializer:
-            if (tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data")
-                    or tensor_nbytes(tensor) < threshold):
+            if not _movable(tensor, threshold):
                 graph.initializer.append(tensor)
                 continue
-            offset = data.tell()
-            raw = tensor.raw_data  # one tensor's copy at a time
-            _write_chunks(data, raw)
-            ref = graph.initializer.add()
+            ref = graph.initializer.add()  # built field by field: copying the tensor would copy its bytes
             ref.name, ref.data_type = tensor.name, tensor.data_type
             ref.dims.extend(tensor.dims)
             if tensor.doc_string:
                 ref.doc_string = tensor.doc_string
-            ref.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = ref.external_data.add()
-                entry.key, entry.value = key, value
-            del raw
+            _write_external(ref, tensor.raw_data, data, location)
         for node in graph.node:  # the header's own copies: Constant values and subgraph initializers
             _externalize_node(node, data, location, threshold)
         data.flush()
@@ -330,18 +322,26 @@ def _write_with_external_data(model: ModelProto, model_path: str, data_path: str
     _write_file(model_path, serialized)
 
 
-def _externalize_tensor(tensor: TensorProto, data, location: str, threshold: int) -> None:
-    """Move one tensor's bytes to `data` in place (used on copies only)."""
-    if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data") or tensor_nbytes(tensor) < threshold:
-        return
+def _movable(tensor: TensorProto, threshold: int) -> bool:
+    return (tensor.data_location != TensorProto.EXTERNAL and tensor.HasField("raw_data")
+            and tensor_nbytes(tensor) >= threshold)
+
+
+def _write_external(ref: TensorProto, raw: bytes, data, location: str) -> None:
+    """Append `raw` to the data file and make `ref` point at it."""
     offset = data.tell()
-    raw = tensor.raw_data
     _write_chunks(data, raw)
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
+    ref.ClearField("raw_data")
+    ref.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-        entry = tensor.external_data.add()
+        entry = ref.external_data.add()
         entry.key, entry.value = key, value
+
+
+def _externalize_tensor(tensor: TensorProto, data, location: str, threshold: int) -> None:
+    """Move one tensor's bytes to `data` in place (used on the header's copies only)."""
+    if _movable(tensor, threshold):
+        _write_external(tensor, tensor.raw_data, data, location)
 
 
 def _externalize_node(node, data, location: str, threshold: int) -> None:
@@ -387,7 +387,7 @@ def needs_external_data(model: ModelProto) -> bool:
     return False
 
 
-def _fsync(path: str) -> None:  # noqa: D401
+def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
