@@ -7,7 +7,9 @@
     result.save("out.onnx")
 """
 
-from .api import inspect, rewrite
+from .api import inspect, rewrite, tune
+from .cost import Prediction
+from .tuning import TuneReport
 from .inspection import Finding, InspectReport
 from .errors import GconvError, VerificationError
 from .geometry import ConvSpec
@@ -15,5 +17,5 @@ from .rewrite import Decision, RewriteResult
 from .verify import OutputParity, VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["rewrite", "verify", "inspect", "InspectReport", "Finding", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
+__all__ = ["rewrite", "verify", "inspect", "tune", "TuneReport", "Prediction", "InspectReport", "Finding", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
            "GconvError", "VerificationError", "__version__"]

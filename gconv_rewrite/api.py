@@ -6,19 +6,22 @@ from typing import Sequence
 
 import numpy as np
 
-from . import model_io
+from . import model_io, runtime, tuning
+from .cost import Planner
 from .model_io import ModelSource
 from .rewrite import DIRECTIONS, Direction, Form, RewriteResult, rewrite_model
 from .inspection import InspectReport, inspect
+from .tuning import TuneEntry, TuneReport
 from .verify import VerifyReport, verify
 
-__all__ = ["rewrite", "verify", "inspect", "RewriteResult", "VerifyReport", "InspectReport"]
+__all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
 
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | None = None, verify_result: bool = True,
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
-            tolerance: float | None = None, compare_all: bool = False, progress=None) -> RewriteResult:
+            tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
+            cache: str | None = None, progress=None, tune_progress=None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
@@ -26,6 +29,9 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     (today: fuse emulations, keep native grouped Convs, the fastest form on onnxruntime CPU).
     form: force every grouped conv, native or emulated, into "native", "dw" (the depthwise
     emulation), "split" (Split -> G Convs -> Concat) or "dense" (block-diagonal weights).
+    provider: the target ("auto": CUDA where it works, else CPU); auto mode plans for it with
+    its cost profile, and measured times from the tune cache (`cache`, default: the user's
+    cache directory) override predictions. tune_first: run `tune` on this model first.
     verify_result: prove the rewrite with onnxruntime on `provider` (`result.verification`):
     parity of every output and, with `latency`, interleaved timing; skipped when nothing
     changed. The other arguments are those of `verify`.
@@ -33,16 +39,22 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     original, info = model_io.load(model)  # our own copy
+    choice = runtime.choose_provider(provider)
+    tune_report = None
+    if tune_first:
+        tune_report = tune(original, choice.name, cache=cache, progress=tune_progress, _info=info)
+    planner = Planner(choice.name, tuning.TuneCache(cache))
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
         rewritten.CopyFrom(original)
-    decisions = rewrite_model(rewritten, direction, form, info.value_infos)
-    result = RewriteResult(rewritten, decisions, direction, info)
+    decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner)
+    result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
+                           tuning=tune_report)
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
         reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
-        result.verification = verify(reference, rewritten, provider,
+        result.verification = verify(reference, rewritten, choice.name,
                                      inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
                                      latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
                                      progress=progress)
@@ -62,4 +74,48 @@ def _never_regress(result: RewriteResult, original) -> None:
     for d in result.decisions:
         if d.action in ("fused", "expanded", "converted"):
             d.action, d.reason = "reverted", f"the rewritten model was {why} ({latency.line().split('; ')[-1]})"
+            d.form = "native" if d.kind == "grouped_conv" else "dw"
             d.nodes_removed = d.nodes_added = 0
+
+
+def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: str | None = None, force: bool = False,
+         progress=None, _info=None) -> TuneReport:
+    """Measure every distinct grouped-conv geometry of `model` in each exact form on `provider`.
+
+    Each geometry becomes a single-conv model per form, timed like verification does (own
+    sessions, spinning off, forms rotated round by round). Results are cached per (device,
+    provider, onnxruntime version, geometry, dtype) in `cache` (default: the user's cache
+    directory, see tuning.cache_path); cached geometries are not measured again unless `force`.
+    `rewrite` then uses the measured times instead of the predictions.
+    """
+    if _info is None:
+        model, _info = model_io.load(model)
+    choice = runtime.choose_provider(provider)
+    store = tuning.TuneCache(cache)
+    target = tuning.target_key(choice)
+    report = TuneReport(target, store.path)
+    groups: dict[str, tuple[tuning.Probe, list[str]]] = {}
+    for finding in inspect(model, provider=choice.name, _info=_info).findings:
+        if finding.status == "skipped" or finding.spec is None or finding.spec.is_depthwise:
+            continue
+        probe = tuning.Probe.from_spec(finding.spec)
+        if probe is None:
+            report.skipped.append(finding.node)
+            continue
+        groups.setdefault(probe.key(), (probe, []))[1].append(finding.node)
+    todo = [key for key in groups if force or store.get(target, groups[key][0]) is None]
+    done = 0
+    for key, (probe, nodes) in groups.items():
+        cached = key not in todo
+        if cached:
+            m = store.get(target, probe)
+        else:
+            tuning.wait_for_quiet(max_wait_s=2.0)
+            m = tuning.measure(probe, choice, rounds=rounds)
+            store.put(target, m)
+            store.save()  # an interrupted tune keeps what it measured
+            done += 1
+            if progress is not None:
+                progress(done, len(todo))
+        report.entries.append(TuneEntry(key, nodes, m.times_ms, m.best(), cached, m.notes))
+    return report

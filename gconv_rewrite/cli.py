@@ -11,7 +11,7 @@ import click
 from . import api
 from .errors import GconvError
 from .model_io import check_writable
-from .rewrite import DIRECTIONS, FORMS
+from .rewrite import DIRECTIONS, FORMS, Decision
 from .runtime import PROVIDERS
 
 
@@ -61,6 +61,9 @@ def main():
       gconv-rewrite MODEL -o OUT [--direction auto|expand|fuse]   rewrite and verify
       gconv-rewrite verify A.onnx B.onnx                          compare two models
       gconv-rewrite inspect MODEL                                 list candidates, write nothing
+      gconv-rewrite tune MODEL                                    measure each form here, cache it
+
+    Exit codes: 0 success, 1 verification failed (nothing written), 2 bad input or usage.
     """
 
 
@@ -86,20 +89,22 @@ def _verify_options(fn):
     return fn
 
 
-def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds):
+def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
     from .verify import load_inputs
     return dict(provider=provider, input_shapes=_parse_shapes(input_shapes), seed=seed,
                 inputs=load_inputs(list(input_files)) if input_files else None, tolerance=tolerance,
-                compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing"))
+                compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing", quiet))
 
 
-def _progress(label):
-    """A one-line progress counter on a terminal (stderr), nothing otherwise."""
-    if not sys.stderr.isatty():
+def _progress(label, quiet: bool = False):
+    """A progress bar on a terminal (stderr), nothing otherwise (pipes, CI logs, --json, -q)."""
+    if quiet or not sys.stderr.isatty():
         return None
 
     def update(done, total):
-        click.echo(f"\r{label} {done}/{total}", err=True, nl=done == total)
+        width = 24
+        filled = int(width * done / max(total, 1))
+        click.echo(f"\r{label:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", err=True, nl=done == total)
     return update
 
 
@@ -117,29 +122,53 @@ def _progress(label):
               help="Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary and errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each form's predicted (or measured) time per node.")
+@click.option("--tune", "tune_first", is_flag=True,
+              help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
+@click.option("--cache", type=click.Path(dir_okay=False), default=None,
+              help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
 @_verify_options
-def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet,
-                **verify_options):
-    """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify."""
+def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
+                tune_first, cache, **verify_options):
+    """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify.
+
+    auto (the default) picks per node the form the cost model predicts fastest on the target
+    provider (measured times from `tune` win), and undoes the rewrite if the verified model
+    is not faster beyond the noise."""
     _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
-                            report_path, as_json, quiet))
+                            report_path, as_json, quiet, verbose, tune_first, cache))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
-             as_json=False, quiet=False):
+             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
     if report_path:
         check_writable(report_path)
-    result = api.rewrite(model, direction, form=form, verify_result=not no_verify, **_verify_kwargs(**verify_options))
+    kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
+    result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
+                         tune_progress=_progress("tuning", quiet or as_json), **kwargs)
     say = (lambda *a, **k: None) if as_json else click.echo
-    if not quiet:
+    if verbose:
         for d in result.decisions:
             say(d.line())
-    counts = ", ".join(f"{result.count(a)} {a}" for a in ("fused", "expanded", "converted", "kept", "skipped",
-                                                              "reverted") if a != "reverted" or result.count(a))
-    say(f"{len(result.decisions)} candidate(s): {counts}")
+            if d.prediction is not None and d.prediction.times_ms:
+                p = d.prediction
+                shown = p.measured_ms or p.times_ms
+                times = ", ".join(f"{f} {shown[f]:.3f}" for f in FORMS if shown.get(f) is not None)
+                say(f"         {'measured' if p.basis == 'measured' else 'predicted'} ms: {times} ({p.basis})")
+        say(f"cost model: {result.planner}")
+    elif not quiet and result.decisions:
+        say(Decision.TABLE_HEADER)
+        for d in result.decisions:
+            say(d.row())
+            if d.reason:
+                say(f"          {d.reason}")
+        if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
+            say("(* measured by tune; other times predicted by the cost model)")
+    for line in result.summary():
+        say(line)
     report = result.verification
     if report is not None:
         for line in report.lines() if not quiet else report.lines()[:1] + ([report.latency.line()] if report.latency else []):
@@ -177,10 +206,38 @@ def _write_json(path, data) -> None:
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON only.")
-def inspect_cmd(model, as_json):
-    """List every grouped Conv and emulation in MODEL: what it computes, why a near-miss is one. Writes nothing."""
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help="The target whose predicted times are shown.")
+@click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Tuning cache file (see `tune`).")
+def inspect_cmd(model, as_json, provider, cache):
+    """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
+    why a near-miss is one. Writes nothing."""
     def run():
-        report = api.inspect(model)
+        report = api.inspect(model, provider, cache=cache)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
+        else:
+            for line in report.lines():
+                click.echo(line)
+    _guard(run)
+
+
+@main.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help="The provider to measure on (auto: CUDA if it really runs here, else CPU).")
+@click.option("--rounds", type=click.IntRange(3, 1000), default=9, show_default=True, help="Timing rounds per geometry.")
+@click.option("--cache", type=click.Path(dir_okay=False), default=None,
+              help="Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@click.option("--force", is_flag=True, help="Measure again geometries already in the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON only.")
+def tune_cmd(model, provider, rounds, cache, force, as_json):
+    """Measure every grouped-conv geometry of MODEL in each exact form on this machine, and cache it.
+
+    Later rewrites (and inspect) use the measured times instead of the cost model's predictions."""
+    def run():
+        report = api.tune(model, provider, rounds=rounds, cache=cache, force=force,
+                          progress=_progress("tuning", as_json))
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
         else:

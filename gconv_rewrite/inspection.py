@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import model_io
+from . import model_io, runtime, tuning
+from .cost import Planner, Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
 from .geometry import ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
@@ -25,6 +26,7 @@ class Finding:
     spec: ConvSpec | None = None
     emulation_nodes: int = 0  # nodes of the emulation region (depthwise Conv included)
     intermediate_mb_per_image: float | None = None  # the emulation's Cig-times-larger tensor
+    prediction: Prediction | None = None  # each form's predicted (or tuned) time on the target
 
     def line(self) -> str:
         where = "" if self.graph == "main" else f" [{self.graph}]"
@@ -36,12 +38,21 @@ class Finding:
             text += f"; emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra"
         if self.reason:
             text += f" - {self.reason}"
+        if self.prediction is not None and self.prediction.times_ms:
+            p = self.prediction
+            shown = p.measured_ms or p.times_ms
+            times = ", ".join(f"{f} {shown[f]:.3f}" for f in tuning.FORMS if shown.get(f) is not None)
+            text += f"\n          {'measured' if p.basis == 'measured' else 'predicted'} ms: {times} -> {p.form}"
+            if p.basis == "prior":
+                text += " (uncalibrated)"
         return text
 
 
 @dataclass
 class InspectReport:
     findings: list[Finding] = field(default_factory=list)
+    provider: str = "cpu"  # the target of the predictions
+    cost_model: str = ""
 
     def count(self, status: str) -> int:
         return sum(f.status == status for f in self.findings)
@@ -49,18 +60,29 @@ class InspectReport:
     def lines(self) -> list[str]:
         summary = (f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
                    f"{self.count('emulated')} emulated, {self.count('skipped')} skipped")
-        return [f.line() for f in self.findings] + [summary]
+        return [f.line() for f in self.findings] + [summary, f"predictions for {self.provider}: {self.cost_model}"]
 
     def to_dict(self) -> dict:
-        return {"findings": [asdict(f) for f in self.findings]}
+        return {"schema": "gconv-rewrite/inspect-report", "version": 1, "provider": self.provider,
+                "cost_model": self.cost_model, "findings": [asdict(f) for f in self.findings]}
 
 
-def inspect(model: model_io.ModelSource) -> InspectReport:
-    """Find every grouped Conv and emulation subgraph (all graphs) without changing anything."""
-    loaded, info = model_io.load(model)
+def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
+            _info=None) -> InspectReport:
+    """Find every grouped Conv and emulation subgraph (all graphs) without changing anything.
+
+    Each finding carries every form's predicted time on `provider` (measured, where `tune`
+    cached this geometry) and the form the cost model would pick.
+    """
+    if _info is None:
+        loaded, info = model_io.load(model)
+    else:
+        loaded, info = model, _info
     shapes = ShapeTable(loaded, info.value_infos or None)
     opset = default_opset(loaded)
-    report = InspectReport()
+    choice = runtime.choose_provider(provider)
+    planner = Planner(choice.name, tuning.TuneCache(cache))
+    report = InspectReport(provider=choice.name, cost_model=planner.describe())
 
     def visit(graph, outer, path):
         ix = GraphIndex(graph, shapes, opset, outer, path, loaded.ir_version)
@@ -68,7 +90,11 @@ def inspect(model: model_io.ModelSource) -> InspectReport:
             if node.attribute:
                 for sub in subgraphs(node):
                     visit(sub, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}")
-        report.findings.extend(_finding(c, path) for c in analyse(ix))
+        for cand in analyse(ix):
+            finding = _finding(cand, path)
+            if finding.status != "skipped" and finding.spec is not None and not finding.spec.is_depthwise:
+                finding.prediction = planner.plan(finding.spec, tuple(f for f in tuning.FORMS if f != "dw" or opset >= 5))
+            report.findings.append(finding)
 
     visit(loaded.graph, None, "main")
     return report

@@ -29,6 +29,7 @@ class ModelInfo:
     opsets: dict[str, int]
     external_data: bool
     value_infos: dict = field(default_factory=dict, compare=False, repr=False)  # from validation's inference
+    weight_bytes: int = 0  # of the main graph's initializers
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
@@ -125,7 +126,7 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
     _check_versions(model, path or "model")
     infos = validate(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external,
-                            value_infos=infos)
+                            value_infos=infos, weight_bytes=sum(tensor_nbytes(t) for t in model.graph.initializer))
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ from onnx import GraphProto, ModelProto, NodeProto, helper
 
 from . import model_io
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
+from .cost import Planner, Prediction
 from .geometry import ConvSpec
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .lowering import (conv_node, dense_weights, expand_weights, fuse_weights, int64_tensor, reduce_sum_node,
@@ -45,6 +46,24 @@ class Decision:
     graph: str = "main"
     nodes_removed: int = 0
     nodes_added: int = 0
+    form: str | None = None  # the form the node is in afterwards (None: not a rewritable conv)
+    prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
+
+    TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<7} {'ms before -> after':>24}"
+
+    def row(self) -> str:
+        """One row of the 80-column table: action, node, form afterwards, predicted (or tuned) ms."""
+        node = self.node if self.graph == "main" else f"{self.node} [{self.graph}]"
+        if len(node) > 34:
+            node = "..." + node[-31:]
+        times = ""
+        p = self.prediction
+        if p is not None and self.form is not None:
+            t = {f: v for f, v in (p.measured_ms or p.times_ms).items() if v is not None}
+            original = "native" if self.kind == "grouped_conv" else "dw"
+            if original in t and self.form in t:
+                times = f"{t[original]:.3f} -> {t[self.form]:.3f}{' *' if p.basis == 'measured' else ''}"
+        return f"{self.action:<9} {node:<34} {self.form or '-':<7} {times:>24}"
 
     def line(self) -> str:
         """One human-readable line for the terminal."""
@@ -71,6 +90,9 @@ class RewriteResult:
     direction: str
     source: model_io.ModelInfo
     verification: object | None = None  # verify.VerifyReport
+    provider: str = "cpu"  # the target the forms were chosen for
+    planner: str = ""  # the cost model used, in words (calibrated or not, on which device)
+    tuning: object | None = None  # tuning.TuneReport when tune_first
 
     @property
     def changed(self) -> bool:
@@ -78,6 +100,45 @@ class RewriteResult:
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
+
+    def predicted_ms(self) -> tuple[float, float] | None:
+        """Predicted (or tuned) time of the rewritable convs before and after, on the target; None if unknown."""
+        before = after = 0.0
+        for d in self.decisions:
+            if d.form is None or d.prediction is None:
+                continue
+            times = {f: t for f, t in (d.prediction.measured_ms or d.prediction.times_ms).items() if t is not None}
+            original = "native" if d.kind == "grouped_conv" else "dw"
+            if original not in times or d.form not in times:
+                return None
+            before += times[original]
+            after += times[d.form]
+        return (before, after) if before > 0 else None
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """Bytes of the main graph's initializers before and after."""
+        return self.source.weight_bytes, sum(model_io.tensor_nbytes(t) for t in self.model.graph.initializer)
+
+    def summary(self) -> list[str]:
+        """The closing lines of the terminal report (80 columns)."""
+        counts = ", ".join(f"{self.count(a)} {a}" for a in ("fused", "expanded", "converted", "kept", "skipped",
+                                                              "reverted") if a != "reverted" or self.count(a))
+        lines = [f"{len(self.decisions)} candidate(s): {counts}"]
+        skipped = sorted({d.reason for d in self.decisions if d.action == "skipped"})
+        for reason in skipped[:3]:
+            lines.append(f"  skipped: {reason}")
+        if len(skipped) > 3:
+            lines.append(f"  ... {len(skipped) - 3} other skip reason(s); see the lines above")
+        predicted = self.predicted_ms()
+        if predicted and self.changed:
+            b, a = predicted
+            tuned = any(d.prediction is not None and d.prediction.basis == "measured" for d in self.decisions)
+            lines.append(f"grouped convs on {self.provider}: {b:.2f} ms -> {a:.2f} ms "
+                         f"{'tuned/predicted' if tuned else 'predicted'} ({b / a:.2f}x)")
+        wb, wa = self.weight_bytes()
+        if self.changed:
+            lines.append(f"weights: {wb / 2**20:.2f} MB -> {wa / 2**20:.2f} MB")
+        return lines
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically; external data beside it if the input had some or it exceeds 2 GB."""
@@ -87,20 +148,27 @@ class RewriteResult:
         """The report as plain data (REPORT_SCHEMA, version REPORT_VERSION): what --report and --json write."""
         from . import __version__
         counts = {a: self.count(a) for a in ("fused", "expanded", "converted", "kept", "skipped", "reverted")}
+        predicted = self.predicted_ms()
+        weights = self.weight_bytes()
         return {
             "schema": REPORT_SCHEMA, "version": REPORT_VERSION, "tool_version": __version__,
-            "input": self.source.path, "direction": self.direction, "counts": counts,
+            "input": self.source.path, "direction": self.direction, "provider": self.provider,
+            "cost_model": self.planner, "counts": counts,
+            "predicted_ms": {"before": predicted[0], "after": predicted[1]} if predicted else None,
+            "weight_bytes": {"before": weights[0], "after": weights[1]},
             "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "tuning": self.tuning.to_dict() if self.tuning is not None else None,
         }
 
 
 def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,
-                  value_infos: dict | None = None) -> list[Decision]:
+                  value_infos: dict | None = None, planner: Planner | None = None) -> list[Decision]:
     """Rewrite `model` in place (callers pass their own copy) and return the decisions.
 
     `form` forces every grouped conv (native or emulated) into one form; `direction` then is moot.
     `value_infos`: the model's inferred shapes when already known (model_io.load returns them).
+    `planner`: the cost model of the target provider (default: onnxruntime CPU on this machine).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -110,7 +178,10 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
     names = NameGen(model)
     opset = default_opset(model)
     decisions: list[Decision] = []
-    _rewrite_graph(model.graph, shapes, opset, None, "main", (direction, form), names, decisions, model.ir_version)
+    if planner is None:
+        planner = Planner("cpu")
+    _rewrite_graph(model.graph, shapes, opset, None, "main", (direction, form, planner), names, decisions,
+                   model.ir_version)
     for fn in model.functions:
         for node in fn.node:
             if node.op_type == "Conv" and attr(node, "group", 1) > 1:
@@ -147,7 +218,7 @@ def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | No
 
 def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
     """What to do with a candidate: a Decision, and the form to write (None: leave it)."""
-    direction, form = direction
+    direction, form, planner = direction
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
@@ -157,26 +228,36 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
     kind = "grouped_conv" if native else "emulation"
     computes = f"grouped Conv {cand.spec.describe()}" if native else f"emulation of a {cand.grouping.describe()}"
     current = "native" if native else "dw"
+    depthwise = not native and cand.grouping.is_depthwise
+    available = ("native",) if depthwise else tuple(f for f in FORMS if f != "dw" or opset >= 5)
+    prediction = planner.plan(cand.spec, available) if not depthwise else None
+
+    def decision(action, reason, now):
+        return Decision(label, kind, action, computes, reason, cand.spec, form=now, prediction=prediction)
+
     if form is None:
-        form = {"expand": "dw", "fuse": "native"}.get(direction, "native")
         if direction == "expand" and not native:
-            return Decision(label, kind, "kept", computes, "direction=expand keeps emulations", cand.spec), None
+            return decision("kept", "direction=expand keeps emulations", current), None
         if direction == "fuse" and native:
-            return Decision(label, kind, "kept", computes, "direction=fuse keeps native grouped Convs", cand.spec), None
-        if direction == "auto" and native:
-            return Decision(label, kind, "kept", computes, "native grouped Conv is the fastest form on onnxruntime CPU",
-                            cand.spec), None
-    elif not native and cand.grouping.is_depthwise and form != "native":
-        return Decision(label, kind, "skipped", computes, f"a depthwise Conv has no {form} form", cand.spec), None
+            return decision("kept", "direction=fuse keeps native grouped Convs", current), None
+        if direction == "auto":
+            form = prediction.form if prediction is not None else "native"
+            if form == current:
+                return decision("kept", prediction.why, current), None
+        else:
+            form = {"expand": "dw", "fuse": "native"}[direction]
+    elif depthwise and form != "native":
+        return decision("skipped", f"a depthwise Conv has no {form} form", current), None
     if native and form == current:
-        return Decision(label, kind, "kept", computes, f"already in the {form} form", cand.spec), None
+        return decision("kept", f"already in the {form} form", current), None
     if form == "dw" and opset < 5:
-        return Decision(label, kind, "skipped", computes,
-                        f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
-                        cand.spec), None
+        return decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
+                        current), None
     action = {"native": "fused" if not native else "kept", "dw": "expanded" if native else "converted"}.get(form, "converted")
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
-    return Decision(label, kind, action, computes, reason, cand.spec), form
+    if direction == "auto" and prediction is not None and prediction.form == form:
+        reason = (reason + "; " if reason else "") + prediction.why
+    return decision(action, reason, form), form
 
 
 # -- edits ---------------------------------------------------------------------------------------

@@ -189,40 +189,99 @@ def _warm_up(run, max_runs: int = 60, window: int = 3, spread: float = 0.1) -> t
 
 
 def time_interleaved(run_a, run_b, rounds: int = 20, min_round_s: float = 0.03, progress=None) -> Timing:
-    """Warm both up, then alternate A,B / B,A round by round.
+    """Warm both up, then alternate A,B / B,A round by round (see `time_rotated`)."""
+    times, k, warm = time_rotated([run_a, run_b], rounds, min_round_s, progress)
+    return Timing(times[0], times[1], k, (warm[0], warm[1]))
 
-    In each round each model runs k times (k chosen so a round lasts about `min_round_s`); the
-    round's time is the median of those k runs, so a burst of background load in one run does
-    not decide the round.
+
+def time_rotated(runs, rounds: int = 20, min_round_s: float = 0.03, progress=None,
+                 ) -> tuple[list[list[float]], int, list[int]]:
+    """Per-round times (ms) of several runners, the order rotated each round.
+
+    Each runner is first warmed up until stable. In each round each runs k times (k chosen so
+    a round lasts about `min_round_s`); the round's time is the median of those k runs, so a
+    burst of background load in one run does not decide the round. Returns (times per runner,
+    k, warm-up runs per runner).
     """
-    warm_a, t_a = _warm_up(run_a)
-    warm_b, t_b = _warm_up(run_b)
-    k = int(min(50, max(3, np.ceil(min_round_s / max(min(t_a, t_b), 1e-6)))))
-    a_ms, b_ms = [], []
+    warm = [_warm_up(run) for run in runs]
+    k = int(min(50, max(3, np.ceil(min_round_s / max(min(t for _, t in warm), 1e-6)))))
+    times: list[list[float]] = [[] for _ in runs]
     clock = time.perf_counter
     collecting = gc.isenabled()
     gc.collect()
     gc.disable()  # as timeit does: a collection of someone else's garbage must not land in one round
     try:
-        _rounds(run_a, run_b, rounds, k, a_ms, b_ms, clock, progress)
+        for r in range(rounds):
+            order = list(range(len(runs)))
+            order = order[r % len(runs):] + order[:r % len(runs)]
+            if len(runs) > 2 and (r // len(runs)) % 2:
+                order.reverse()  # every runner also follows every other, not only one
+            for which in order:
+                run = runs[which]
+                per_run = []
+                for _ in range(k):
+                    start = clock()
+                    run()
+                    per_run.append(clock() - start)
+                times[which].append(float(np.median(per_run)) * 1000)
+            if progress is not None:
+                progress(r + 1, rounds)
     finally:
         if collecting:
             gc.enable()
-    return Timing(a_ms, b_ms, k, (warm_a, warm_b))
+    return times, k, [n for n, _ in warm]
 
 
-def _rounds(run_a, run_b, rounds, k, a_ms, b_ms, clock, progress) -> None:
-    for r in range(rounds):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            run = run_a if which == 0 else run_b
-            times = []
-            for _ in range(k):
-                start = clock()
-                run()
-                times.append(clock() - start)
-            (a_ms if which == 0 else b_ms).append(float(np.median(times)) * 1000)
-        if progress is not None:
-            progress(r + 1, rounds)
+def device_name(choice: ProviderChoice | str) -> str:
+    """The device a provider runs on, as measurements must be keyed: CPU model and threads, or GPU model."""
+    if (choice if isinstance(choice, str) else choice.name) == "cuda":
+        return _gpu_name()
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    name, flags, fields = "unknown CPU", "", {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value
+                elif key in ("cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if line.strip() == "":
+                    break  # the first processor says it all
+    except OSError:
+        import platform
+        name = platform.processor() or platform.machine() or name
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else ""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if fields:  # "AMD EPYC" alone does not tell Zen 3 from Zen 5
+        name += f" (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    return f"{name}{' ' + isa if isa else ''}, {threads} threads"
+
+
+def nchwc_block() -> int:
+    """Channels per block of onnxruntime's NCHWc CPU kernels: 16 with AVX-512, else 8."""
+    return 16 if "AVX-512" in _cpu_name() else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name() -> str:
+    root = "/proc/driver/nvidia/gpus"
+    try:
+        for entry in sorted(os.listdir(root)):
+            with open(os.path.join(root, entry, "information")) as f:
+                for line in f:
+                    if line.startswith("Model:"):
+                        return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown NVIDIA GPU"
 
 
 def ort_version() -> str:

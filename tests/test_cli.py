@@ -42,7 +42,16 @@ def test_expand_direction_and_no_verify(tmp_path):
 def test_skips_are_printed_with_their_reason(tmp_path):
     result = invoke(FIXTURES / "torch_native_grouped.onnx", "-o", tmp_path / "o.onnx", "--direction", "fuse")
     assert result.exit_code == 0
-    assert "kept     /conv2/Conv: grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3 - direction=fuse keeps" in result.output
+    lines = result.output.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("kept      /conv2/Conv"))
+    assert lines[row].split()[2] == "native" and "->" in lines[row]
+    assert lines[row + 1].strip() == "direction=fuse keeps native grouped Convs"
+    assert all(len(line) <= 80 for line in lines if not line.startswith("wrote"))
+    verbose = invoke(FIXTURES / "torch_native_grouped.onnx", "-o", tmp_path / "o.onnx", "--direction", "fuse", "-v",
+                     "--no-verify")
+    assert "kept     /conv2/Conv: grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3 - direction=fuse keeps" \
+        in verbose.output
+    assert "predicted ms: native " in verbose.output and "cost model: cpu " in verbose.output
 
 
 @pytest.mark.parametrize("content,message", [

@@ -1,0 +1,315 @@
+"""The cost model: which exact form of a grouped conv runs fastest on a provider.
+
+Two parts, both fitted by benchmarks/calibrate.py from measurements of single-conv models:
+
+* native time: a power law per onnxruntime kernel path (ms = e^c0 * MACs^c1 * Cig^c2 * ...),
+  fitted in log space. The CPU provider runs a grouped Conv on its NCHWc kernel when Cig and
+  Cog are multiples of the block (8 with AVX2, 16 with AVX-512), else as one im2col + small
+  GEMM per group: the two paths differ by up to 10x in throughput, hence two fits.
+* every other form relative to native: the median time ratio of the k calibrated geometries
+  nearest to this one, in a space of the features that decide which kernels run (log Cig,
+  log Cog, log kernel area, log N*Ho*Wo, log G, stride > 1, NCHWc path, Cog = 1). Ratios vary
+  far less than times, and the neighbours carry the kernel effects no formula here would
+  (e.g. the depthwise kernel used only when Cog = 1).
+
+A form other than native is chosen only when predicted at least `margin` (5%) faster: native
+is one node, and a small predicted gain is within the noise of the calibration itself.
+Measured times (`tune`) replace predictions. Providers without a calibration for this device
+use a documented roofline prior, and every prediction says which basis it has.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .tuning import FORMS, Probe
+
+PROFILE_SCHEMA = "gconv-rewrite/cost-profile"
+PROFILE_VERSION = 1
+_PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
+_NATIVE_TERMS = ("1", "log MACs", "log Cig", "log Cog", "log kernel", "log N*Ho*Wo", "log G")
+
+
+@dataclass
+class Prediction:
+    """Predicted (and, when tuned, measured) time of each form of one conv, the pick and why."""
+
+    probe: str
+    times_ms: dict[str, float]  # predicted per form
+    form: str  # the pick
+    why: str
+    basis: str  # "calibrated", "prior" (uncalibrated here) or "measured"
+    source: str  # which profile / cache, in words
+    measured_ms: dict[str, float | None] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.basis in ("calibrated", "measured")
+
+    def to_dict(self) -> dict:
+        return {"probe": self.probe, "predicted_ms": {f: round(t, 5) for f, t in self.times_ms.items()},
+                "measured_ms": self.measured_ms, "form": self.form, "why": self.why, "basis": self.basis,
+                "source": self.source}
+
+
+def features(p: Probe, block: int) -> list[float]:
+    """The neighbour-space coordinates of a probe (see the module docstring)."""
+    out = math.prod(p.output_spatial())
+    nchwc = float(p.cig % block == 0 and p.cog % block == 0)
+    # weights (kernel area x2, the path flags x3) chosen by 5-fold cross-validation on the calibration set
+    return [math.log(p.cig), math.log(p.cog), 2.0 * math.log(math.prod(p.kernel)), math.log(p.batch * out),
+            math.log(p.group), float(max(p.strides) > 1), 3.0 * nchwc, 3.0 * float(p.cog == 1)]
+
+
+def _native_terms(p: Probe) -> list[float]:
+    out = p.batch * math.prod(p.output_spatial())
+    macs = out * p.c_out * p.cig * math.prod(p.kernel)
+    return [1.0, math.log(macs), math.log(p.cig), math.log(p.cog), math.log(math.prod(p.kernel)), math.log(out),
+            math.log(p.group)]
+
+
+def macs(p: Probe) -> int:
+    return p.batch * math.prod(p.output_spatial()) * p.c_out * p.cig * math.prod(p.kernel)
+
+
+@dataclass
+class Profile:
+    """A provider's fitted (or prior) cost model; see the module docstring."""
+
+    provider: str
+    device: str
+    ort_version: str
+    block: int
+    calibrated: bool
+    note: str = ""
+    fitted: str = ""
+    source: str = ""
+    native: dict[str, list[float]] = field(default_factory=dict)  # path -> power-law coefficients
+    neighbours: int = 5
+    margin: float = 0.05
+    points: list[list[float]] = field(default_factory=list)  # features + log(t_form / t_native) per FORMS[1:]
+    fit_quality: dict = field(default_factory=dict)
+
+    # -- predictions ------------------------------------------------------------------------
+    def native_ms(self, p: Probe) -> float:
+        path = "nchwc" if p.cig % self.block == 0 and p.cog % self.block == 0 else "plain"
+        coef = self.native.get(path) or self.native.get("nchwc")
+        return float(math.exp(np.dot(coef, _native_terms(p))))
+
+    def predict(self, p: Probe, block: int | None = None) -> dict[str, float]:
+        """Predicted ms of every form of `p`."""
+        if not self.points:
+            return roofline(p, self.provider)
+        native = self.native_ms(p)
+        x = np.array(features(p, block or self.block))
+        pts = np.asarray(self.points, dtype=float)
+        nf = len(x)
+        order = np.argsort(np.linalg.norm(pts[:, :nf] - x, axis=1))
+        times = {"native": native}
+        for i, form in enumerate(FORMS[1:]):
+            col = pts[order, nf + i]
+            col = col[~np.isnan(col)][: self.neighbours]
+            if len(col):
+                times[form] = native * float(math.exp(np.median(col)))
+        return times
+
+    def choose(self, p: Probe | None, available=FORMS, measured: dict[str, float | None] | None = None,
+               block: int | None = None, current_device: str | None = None) -> Prediction:
+        """The form to use for `p` among `available`, with the numbers behind the pick."""
+        source = self.describe(current_device)
+        basis = "calibrated" if self.calibrated and (current_device is None or current_device == self.device) else "prior"
+        if p is None:
+            return Prediction("", {}, "native", "spatial size unknown: no prediction, native kept", basis, source)
+        if p.dtype != "float32" and self.points:
+            times = roofline(p, self.provider)
+            basis, source = "prior", f"roofline prior ({p.dtype} not calibrated)"
+        else:
+            times = self.predict(p, block)
+        times = {f: t for f, t in times.items() if f in available}
+        times_used = dict(times)
+        if measured:
+            measured = {f: t for f, t in measured.items() if f in available}
+            if any(t is not None for t in measured.values()):
+                basis, source = "measured", "tuned on this machine"
+                times_used = {f: t for f, t in measured.items() if t is not None}
+        form = min(times_used, key=times_used.get)
+        native = times_used.get("native")
+        why = _why(form, times_used, basis)
+        if basis == "prior" and native is not None:
+            form = "native"  # an uncalibrated prior informs the report, it does not leave the one-node form
+            why = f"native kept: uncalibrated prior (run `gconv-rewrite tune` to measure); {_why(form, times_used, basis)}"
+        elif form != "native" and native is not None and times_used[form] > native / (1 + self.margin):
+            form = "native"  # not enough gain to leave the one-node form (and within the timing noise)
+            why = _why(form, times_used, basis)
+        return Prediction(p.key(), times, form, why, basis, source,
+                          measured_ms=measured if basis == "measured" else None)
+
+    def describe(self, current_device: str | None = None) -> str:
+        if not self.calibrated:
+            return f"{self.provider} prior (uncalibrated: {self.note})"
+        text = f"{self.provider} profile calibrated on {self.device}, onnxruntime {self.ort_version}"
+        if current_device is not None and current_device != self.device:
+            text += f" (not this device: {current_device})"
+        return text
+
+    # -- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"schema": PROFILE_SCHEMA, "version": PROFILE_VERSION}
+        data.update({k: getattr(self, k) for k in self.__dataclass_fields__})
+        data["points"] = [[None if isinstance(v, float) and math.isnan(v) else round(v, 5) for v in row]
+                          for row in self.points]
+        return data
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=None, separators=(",", ":"))
+            f.write("\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        if data.get("schema") != PROFILE_SCHEMA or data.get("version") != PROFILE_VERSION:
+            raise ValueError("not a gconv-rewrite cost profile of this version")
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["points"] = [[math.nan if v is None else v for v in row] for row in fields.get("points", [])]
+        return cls(**fields)
+
+
+def _why(form: str, times: dict[str, float], basis: str) -> str:
+    verb = "measured" if basis == "measured" else "predicted"
+    best = times[form]
+    others = sorted((t, f) for f, t in times.items() if f != form)
+    if not others:
+        return f"{form} is the only form"
+    runner_t, runner = others[0]
+    text = f"{form} {verb} {_ms(best)}, next {runner} {_ms(runner_t)} ({runner_t / best:.2f}x)"
+    if form == "native" and runner_t < best:
+        text = f"native kept: {runner} {verb} only {best / runner_t:.2f}x faster ({_ms(runner_t)} vs {_ms(best)})"
+    return text
+
+
+def _ms(t: float) -> str:
+    return f"{t:.3f} ms" if t < 10 else f"{t:.1f} ms"
+
+
+# -- the prior -------------------------------------------------------------------------------------
+
+# A roofline with round numbers: where nothing is calibrated, it says what the forms must move and
+# compute. Its order (native < split, dense; dw costs the Cig-times larger intermediate) is what
+# cuDNN's dedicated grouped kernels suggest; its absolute times are not a measurement.
+_PRIOR = {"cuda": dict(launch_ms=0.005, gflops=15000.0, gbytes_s=1500.0),
+          "cpu": dict(launch_ms=0.002, gflops=100.0, gbytes_s=20.0)}
+
+
+def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
+    """Prior time of every form: launches + max(FLOP time, byte time)."""
+    c = _PRIOR.get(provider, _PRIOR["cuda"])
+    item = np.dtype(p.dtype).itemsize
+    out = p.batch * math.prod(p.output_spatial())
+    x_bytes = p.batch * p.c_in * math.prod(p.spatial) * item
+    y_bytes = out * p.c_out * item
+    inter = p.batch * p.c_in * p.cog * math.prod(p.output_spatial()) * item
+    flops = 2.0 * macs(p)
+
+    def t(nodes, fl, by):
+        return nodes * c["launch_ms"] + max(fl / (c["gflops"] * 1e6), by / (c["gbytes_s"] * 1e6))
+
+    return {"native": t(1, flops, x_bytes + y_bytes),
+            "dw": t(4, flops, x_bytes + 2 * inter + y_bytes),
+            "split": t(p.group + 2, flops, 2 * (x_bytes + y_bytes)),
+            "dense": t(1, flops * p.group, x_bytes + y_bytes)}
+
+
+# -- loading and fitting ---------------------------------------------------------------------------
+
+def load_profile(provider: str) -> Profile:
+    """The profile shipped for `provider` ("cpu" or "cuda"); a prior where none was fitted."""
+    path = os.path.join(_PROFILES, f"{provider}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return Profile.from_dict(json.load(f))
+    return Profile(provider, "", "", 8, False, note="no measurements for this provider yet; roofline prior")
+
+
+def read_measurements(path: str) -> list[tuple[Probe, dict[str, float]]]:
+    """Rows of a calibration CSV (benchmarks/calibrate.py) as (probe, ms per form; nan = not measured)."""
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rows.append((parse_probe(row["probe"]), {form: float(row[f"t_{form}_ms"]) for form in FORMS}))
+    return rows
+
+
+def parse_probe(key: str) -> Probe:
+    """The inverse of Probe.key()."""
+    parts = key.split()
+    dtype, fields = parts[0], {}
+    for part in parts[1:]:
+        for tag in ("Cin", "Cout", "in", "N", "G", "k", "s", "d", "p"):
+            if part.startswith(tag) and (part[len(tag):][:1].isdigit() or tag == "p"):
+                fields.setdefault(tag, part[len(tag):])
+                break
+    dims = lambda v: tuple(int(x) for x in v.split("x"))  # noqa: E731
+    pads = fields["p"]
+    pad_tuple = dims(pads) if pads[:1].isdigit() else None
+    return Probe(int(fields["Cin"]), int(fields["Cout"]), int(fields["G"]), dims(fields["in"]), dims(fields["k"]),
+                 dims(fields["s"]), dims(fields["d"]), pad_tuple, "NOTSET" if pad_tuple is not None else pads,
+                 dtype, int(fields["N"]))
+
+
+def fit(rows: list[tuple[Probe, dict[str, float]]], provider: str, device: str, ort_version: str, block: int,
+        source: str = "", neighbours: int = 5, margin: float = 0.05) -> Profile:
+    """Fit a profile to measured rows: native power laws per path, and the neighbour table of ratios."""
+    native: dict[str, list[float]] = {}
+    quality = {}
+    for path in ("nchwc", "plain"):
+        sel = [(p, t) for p, t in rows if (p.cig % block == 0 and p.cog % block == 0) == (path == "nchwc")
+               and not math.isnan(t["native"])]
+        if len(sel) < 2 * len(_NATIVE_TERMS):
+            continue
+        X = np.array([_native_terms(p) for p, _ in sel])
+        y = np.log([t["native"] for _, t in sel])
+        coef = np.linalg.solve(X.T @ X + 1e-6 * np.eye(X.shape[1]), X.T @ y)  # tiny ridge: Cig == Cog on most rows
+        native[path] = [float(c) for c in coef]
+        err = np.abs(np.exp(X @ coef - y) - 1)
+        quality[f"native {path}: median |error|"] = round(float(np.median(err)), 3)
+        quality[f"native {path}: rows"] = len(sel)
+    points = []
+    for p, t in rows:
+        if math.isnan(t["native"]):
+            continue
+        ratios = [math.log(t[f] / t["native"]) if not math.isnan(t[f]) else math.nan for f in FORMS[1:]]
+        points.append(features(p, block) + ratios)
+    return Profile(provider, device, ort_version, block, True, fitted=datetime.date.today().isoformat(),
+                   source=source, native=native, neighbours=neighbours, margin=margin, points=points,
+                   fit_quality=quality)
+
+
+class Planner:
+    """Picks a form per conv for one provider: measurements from the tune cache first, else the profile."""
+
+    def __init__(self, provider: str = "cpu", cache=None, profile: Profile | None = None):
+        from . import runtime, tuning
+
+        self.provider = provider
+        self.profile = profile or load_profile(provider)
+        self.device = runtime.device_name(provider)
+        self.block = runtime.nchwc_block() if provider == "cpu" else self.profile.block
+        self.target = tuning.target_key(provider)
+        cache = cache if cache is not None else tuning.TuneCache()
+        self.measured = {key: entry["times_ms"] for key, entry in cache.entries.get(self.target, {}).items()}
+
+    def plan(self, spec, available=FORMS) -> Prediction:
+        """The Prediction for a candidate's ConvSpec (its batch when static, else 1)."""
+        probe = Probe.from_spec(spec) if spec is not None else None
+        measured = self.measured.get(probe.key()) if probe is not None else None
+        return self.profile.choose(probe, available, measured, self.block, self.device)
+
+    def describe(self) -> str:
+        return self.profile.describe(self.device)
