@@ -435,7 +435,10 @@ def _propagate_to(ix: GraphIndex, y0: str, probe, symbols, prefix: list[NodeProt
     out = None
     for i, node in enumerate(prefix):
         ins = [traced.get(n) if n else None for n in node.input]
-        values = [None if (t is not None or not n) else ev.value(n) for n, t in zip(node.input, ins)]
+        # stored constants at any size (a frozen 0/1 1x1 kernel of a wide stage has millions of entries);
+        # ShapeEval's size cap is for tensors it must compute
+        values = [None if (t is not None or not n) else ix.constant(n) if ix.is_constant(n) else ev.value(n)
+                  for n, t in zip(node.input, ins)]
         try:
             outs = propagate(node, ins, values, ix.opset)
         except NotAChannelMove as exc:

@@ -149,3 +149,17 @@ def test_nan_and_inf_at_the_same_places_compare_equal():
     b = a.copy()
     b[2] = -np.inf
     assert not _compare("o", [a], [b], None).passed
+
+
+def test_frozen_1x1_kernels_of_wide_stages_are_read_at_any_size():
+    """A frozen 0/1 1x1 kernel of 128 x 4096 (ResNeXt-50's wide stages have millions of entries) was
+    taken for a non-constant (the shape evaluator's size cap) and the region skipped."""
+    from gconv_rewrite.samples import grouped_conv_model
+    sample = grouped_conv_model("frozen_1x1", in_channels=128, groups=4, spatial=(4, 4), batch=1)
+    frozen = next(t for t in sample.model.graph.initializer if np.prod(t.dims) > 1 << 16)
+    assert np.prod(frozen.dims) == 128 * 128 * 32
+    result = gr.rewrite(sample.model, "fuse", provider="cpu", latency=False)
+    (d,) = result.decisions
+    assert d.action == "fused", d.reason
+    assert result.verification.passed
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]

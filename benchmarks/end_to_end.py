@@ -1,0 +1,67 @@
+"""End to end on ResNeXt-style models: is auto never slower than its input, and does an emulated
+export come out as fast as its natively exported twin?
+
+For each model: `gconv_rewrite.rewrite(model)` in auto mode on the CPU provider (cost model,
+verification, never-regress guard), then, for emulated inputs, `gconv_rewrite.verify(native
+twin, result)` timing the rewritten model against the native model with the same weights.
+Both timings are interleaved rounds in one process (see verify.measure_latency).
+
+    python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import gconv_rewrite as gr
+from gconv_rewrite.samples import resnext_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = os.path.join(HERE, "..", "models")
+SAMPLES = ["resnext_native", "resnext_emulated_nchw", "resnext_emulated_tf", "resnext_sum_slices",
+           "resnext_frozen_1x1", "resnext_interleaved"]
+R50_LAYOUTS = [("native", {}), ("nhwc_tf2onnx", {"pad_node": True}), ("nhwc_sum_slices", {}), ("frozen_1x1", {}),
+               ("nchw_reducesum", {})]
+
+
+def row(name, model, twin, rounds):
+    start = time.time()
+    result = gr.rewrite(model, provider="cpu", rounds=rounds)
+    counts = {a: result.count(a) for a in ("fused", "converted", "expanded", "kept", "reverted") if result.count(a)}
+    lat = result.verification.latency if result.verification is not None else None
+    vs_input = f"{1 / lat.ratio:.2f}x ({lat.verdict}, ±{lat.noise:.3f})" if lat else "unchanged"
+    if any(d.action == "reverted" for d in result.decisions):
+        vs_input += ", reverted: output = input"
+    vs_twin = ""
+    if twin is not None:
+        final = result.model
+        report = gr.verify(twin, final, "cpu", rounds=rounds)
+        t = report.latency
+        vs_twin = f"{t.ratio:.3f} ({t.verdict}, ±{t.noise:.3f}); native {t.a_median_ms:.1f} ms, ours {t.b_median_ms:.1f} ms"
+    print(f"| {name} | {counts} | {vs_input} | {vs_twin or '-'} | {time.time() - start:.0f} s |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--skip-resnext50", action="store_true")
+    args = parser.parse_args()
+    print("| model | decisions | auto vs input (speedup) | auto result / native twin (time ratio) | wall |")
+    print("|---|---|---|---|---|")
+    native = os.path.join(MODELS, "resnext_native.onnx")
+    for name in SAMPLES:
+        path = os.path.join(MODELS, f"{name}.onnx")
+        row(f"models/{name}.onnx", path, None if name == "resnext_native" else native, args.rounds)
+    if args.skip_resnext50:
+        return
+    twin = resnext_model(50, "32x4d", "native", batch=1)
+    for layout, extra in R50_LAYOUTS:
+        model = twin if layout == "native" else resnext_model(50, "32x4d", layout, batch=1, **extra)
+        row(f"ResNeXt-50 32x4d {layout}, batch 1, 224", model, None if layout == "native" else twin, args.rounds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
