@@ -54,7 +54,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
         reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
-        result.verification = verify(reference, rewritten, choice.name,
+        result.verification = verify(reference, rewritten, provider,
                                      inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
                                      latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
                                      progress=progress)
@@ -73,7 +73,7 @@ def _never_regress(result: RewriteResult, original) -> None:
            else f"{1 / latency.speedup:.2f}x slower")
     for d in result.decisions:
         if d.action in ("fused", "expanded", "converted"):
-            d.action, d.reason = "reverted", f"the rewritten model was {why} ({latency.line().split('; ')[-1]})"
+            d.action, d.reason = "reverted", f"the rewritten model was {why} ({latency.verdict_text()})"
             d.form = "native" if d.kind == "grouped_conv" else "dw"
             d.nodes_removed = d.nodes_added = 0
 

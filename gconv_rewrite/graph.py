@@ -93,6 +93,8 @@ class GraphIndex:
             node = self.producer[name]
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = _constant_node_value(node)
+            elif _is_identity(node):  # torch.onnx shares deduplicated constants through Identity nodes
+                value = self.constant(node.input[0])
         elif self.outer is not None and name not in self.graph_inputs:
             value = self.outer.constant(name)
         self._const_cache[name] = value
@@ -103,6 +105,8 @@ class GraphIndex:
             return True
         node = self.producer.get(name)
         if node is not None:
+            if _is_identity(node):
+                return self.is_constant(node.input[0])
             return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
         return self.outer is not None and name not in self.graph_inputs and self.outer.is_constant(name)
 
@@ -110,6 +114,9 @@ class GraphIndex:
         """Shape of a constant without materialising it."""
         if name in self.initializers and name not in self.graph_inputs:
             return tuple(self.initializers[name].dims)
+        node = self.producer.get(name)
+        if node is not None and _is_identity(node):
+            return self.constant_dims(node.input[0])
         value = self.constant(name)
         return None if value is None else tuple(value.shape)
 
@@ -299,3 +306,7 @@ class NameGen:
             name = f"{base}_{i}"
         self.taken.add(name)
         return name
+
+
+def _is_identity(node: NodeProto) -> bool:
+    return node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 and bool(node.input[0])

@@ -53,10 +53,13 @@ class OutputParity:
     reference: str = "original"  # or "float32 twin of the original"
 
     def line(self) -> str:
+        """Two lines (80 columns): the output and its verdict, then its errors."""
         verdict = "ok" if self.passed else "FAIL"
-        return (f"{verdict:<4} {self.name} {self.dtype}{list(self.shape)}: max abs {self.max_abs:.3g}, "
-                f"rel to magnitude {self.max_rel:.3g} (limit {self.tolerance:.1g}), min rtol {self.min_rtol:.3g}"
-                + ("" if self.reference == "original" else f" [vs {self.reference}]"))
+        head = f"{verdict:<4} {self.name} {self.dtype}{list(self.shape)}"
+        if self.reference != "original":
+            head += f" [vs {self.reference}]"
+        return (f"{head}\n     rel to magnitude {self.max_rel:.3g} (limit {self.tolerance:.1g}); "
+                f"max abs {self.max_abs:.3g}; min rtol {self.min_rtol:.3g}")
 
 
 @dataclass
@@ -81,13 +84,16 @@ class LatencyReport:
     def speedup(self) -> float:
         return 1.0 / self.ratio
 
-    def line(self) -> str:
-        head = (f"latency on {self.provider}: original {self.a_median_ms:.3f} ms "
-                f"(IQR {self.a_iqr_ms[0]:.3f}-{self.a_iqr_ms[1]:.3f}), rewritten {self.b_median_ms:.3f} ms "
-                f"(IQR {self.b_iqr_ms[0]:.3f}-{self.b_iqr_ms[1]:.3f}); ")
+    def verdict_text(self) -> str:
         if self.verdict == "within noise":
-            return head + f"ratio {self.ratio:.3f} ±{self.noise:.3f}: no difference beyond the noise"
-        return head + f"{self.speedup:.2f}x {'faster' if self.ratio < 1 else 'slower'} (ratio {self.ratio:.3f} ±{self.noise:.3f})"
+            return f"ratio {self.ratio:.3f} ±{self.noise:.3f}: no difference beyond the noise"
+        return f"{self.speedup:.2f}x {'faster' if self.ratio < 1 else 'slower'} (ratio {self.ratio:.3f} ±{self.noise:.3f})"
+
+    def line(self) -> str:
+        """Two lines (80 columns): the verdict, then both medians with their interquartile ranges."""
+        return (f"latency on {self.provider}: {self.verdict_text()}\n"
+                f"  original {self.a_median_ms:.3f} ms (IQR {self.a_iqr_ms[0]:.3f}-{self.a_iqr_ms[1]:.3f}), "
+                f"rewritten {self.b_median_ms:.3f} ms (IQR {self.b_iqr_ms[0]:.3f}-{self.b_iqr_ms[1]:.3f})")
 
 
 @dataclass
@@ -121,8 +127,8 @@ class VerifyReport:
         return all(o.passed for o in self.outputs)
 
     def lines(self) -> list[str]:
-        head = f"parity on {self.provider} ({self.provider_note}), {self.samples} sample(s): " + (
-            "PASS" if self.passed else "FAIL")
+        head = f"parity on {self.provider}, {self.samples} sample(s): {'PASS' if self.passed else 'FAIL'}" \
+               f" ({self.provider_note})"
         out = [head] + ["  " + o.line() for o in self.outputs] + ["  " + n for n in self.notes]
         if self.divergence is not None:
             out.append("  " + self.divergence.line())

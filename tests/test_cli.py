@@ -136,8 +136,11 @@ def test_failed_parity_writes_nothing_unless_forced(tmp_path):
 def test_verification_reports_latency_with_a_verdict(tmp_path):
     result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--provider", "cpu", "--rounds", "5")
     assert result.exit_code == 0
-    line = next(l for l in result.output.splitlines() if l.startswith("latency on cpu"))
-    assert "original" in line and "rewritten" in line and ("faster" in line or "slower" in line or "noise" in line)
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("latency on cpu"))
+    assert any(word in lines[at] for word in ("faster", "slower", "noise"))
+    assert "original" in lines[at + 1] and "rewritten" in lines[at + 1]
+    assert all(len(line) <= 80 for line in lines if not line.startswith("wrote"))
 
 
 def test_auto_provider_fallback_prints_nothing_from_onnxruntime(tmp_path):
