@@ -186,3 +186,41 @@ def test_json_and_report_carry_the_same_versioned_report(tmp_path):
         "faster", "slower", "within noise")
     quiet = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "-q", "--no-verify")
     assert quiet.exit_code == 0 and "fused " not in quiet.output and "2 candidate(s)" in quiet.output
+
+
+@pytest.mark.parametrize("case", ["rewrite-ok", "rewrite-parity-fails", "rewrite-bad-input", "inspect", "inspect-json",
+                                  "tune-json", "verify-same", "verify-different", "verify-bad-provider", "help",
+                                  "version"])
+def test_every_command_and_exit_code_through_the_console_script(tmp_path, case):
+    """Each command as a user runs it: the installed script, a real process, documented exit codes."""
+    exe = shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or shutil.which("gconv-rewrite")
+    out = tmp_path / "o.onnx"
+    wrong = MODELS / "resnext_wrong_emulation.onnx"
+    native = MODELS / "resnext_native.onnx"
+    cases = {
+        "rewrite-ok": ([str(SAMPLE), "-o", str(out), "--provider", "cpu", "--rounds", "3"], 0, "PASS"),
+        "rewrite-parity-fails": ([str(SAMPLE), "-o", str(out), "--tolerance", "1e-15", "--no-latency"], 1,
+                                 "not written"),
+        "rewrite-bad-input": ([str(tmp_path / "nothing.onnx"), "-o", str(out)], 2, "no such file"),
+        "inspect": (["inspect", str(SAMPLE), "--provider", "cpu"], 0, "predicted ms: native"),
+        "inspect-json": (["inspect", str(SAMPLE), "--json"], 0, '"schema": "gconv-rewrite/inspect-report"'),
+        "tune-json": (["tune", str(native), "--provider", "cpu", "--rounds", "3", "--json",
+                       "--cache", str(tmp_path / "c.json")], 0, '"best": '),
+        "verify-same": (["verify", str(native), str(SAMPLE), "--no-latency"], 0, "PASS"),
+        "verify-different": (["verify", str(native), str(wrong), "--no-latency"], 1, "FAIL"),
+        "verify-bad-provider": (["verify", str(native), str(SAMPLE), "--provider", "tpu"], 2, "--provider"),
+        "help": (["--help"], 0, "Exit codes: 0 success, 1 verification failed"),
+        "version": (["--version"], 0, "version"),
+    }
+    args, code, text = cases[case]
+    proc = subprocess.run([exe] + args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert text in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    if code == 2:
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+    if code != 0 and case.startswith("rewrite"):
+        assert not out.exists()
+    if case.endswith("json"):
+        import json
+        json.loads(proc.stdout)  # nothing but JSON on stdout

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -174,7 +176,7 @@ def test_time_rotated_rotates_the_order():
 
 
 def test_cli_tune_and_verbose_rewrite_through_the_console_script(tmp_path):
-    exe = [sys.executable, "-m", "gconv_rewrite"]
+    exe = [shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or "gconv-rewrite"]
     cache = str(tmp_path / "c.json")
     model = str(MODELS / "resnext_emulated_nchw.onnx")
     out = subprocess.run(exe + ["tune", model, "--provider", "cpu", "--rounds", "3", "--cache", cache],
