@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
 import click
 
@@ -96,6 +97,16 @@ def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare
                 compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing", quiet))
 
 
+def _announce_load(path, quiet: bool = False) -> None:
+    """On a terminal, say that a big model is being read (the only step without a bar)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return
+    if not quiet and size > 100 * 2**20 and sys.stderr.isatty():
+        click.echo(f"loading {path} ({size / 2**20:.0f} MB) ...", err=True)
+
+
 def _progress(label, quiet: bool = False):
     """A progress bar on a terminal (stderr), nothing otherwise (pipes, CI logs, --json, -q)."""
     if quiet or not sys.stderr.isatty():
@@ -147,6 +158,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     if report_path:
         check_writable(report_path)
     kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
+    _announce_load(model, quiet or as_json)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
                          tune_progress=_progress("tuning", quiet or as_json), **kwargs)
     say = (lambda *a, **k: None) if as_json else click.echo
@@ -164,7 +176,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         for d in result.decisions:
             say(d.row())
             if d.reason:
-                say(f"          {d.reason}")
+                say(textwrap.fill(d.reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
         if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
             say("(* measured by tune; other times predicted by the cost model)")
     for line in result.summary():
@@ -213,6 +225,7 @@ def inspect_cmd(model, as_json, provider, cache):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
+        _announce_load(model, as_json)
         report = api.inspect(model, provider, cache=cache)
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
@@ -236,6 +249,7 @@ def tune_cmd(model, provider, rounds, cache, force, as_json):
 
     Later rewrites (and inspect) use the measured times instead of the cost model's predictions."""
     def run():
+        _announce_load(model, as_json)
         report = api.tune(model, provider, rounds=rounds, cache=cache, force=force,
                           progress=_progress("tuning", as_json))
         if as_json:

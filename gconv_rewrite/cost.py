@@ -51,9 +51,11 @@ class Prediction:
 
     @property
     def calibrated(self) -> bool:
+        """True when the times come from a calibration for this device, or from measurements."""
         return self.basis in ("calibrated", "measured")
 
     def to_dict(self) -> dict:
+        """Plain data for reports."""
         return {"probe": self.probe, "predicted_ms": {f: round(t, 5) for f, t in self.times_ms.items()},
                 "measured_ms": self.measured_ms, "form": self.form, "why": self.why, "basis": self.basis,
                 "source": self.source}
@@ -154,9 +156,11 @@ class Profile:
     def describe(self, current_device: str | None = None) -> str:
         if not self.calibrated:
             return f"{self.provider} prior (uncalibrated: {self.note})"
+        if current_device is not None and current_device == self.device:
+            return f"{self.provider} profile calibrated on this device (onnxruntime {self.ort_version})"
         text = f"{self.provider} profile calibrated on {self.device}, onnxruntime {self.ort_version}"
-        if current_device is not None and current_device != self.device:
-            text += f" (not this device: {current_device})"
+        if current_device is not None:
+            text += f" (not this device: {current_device}; prior only)"
         return text
 
     # -- persistence -------------------------------------------------------------------------

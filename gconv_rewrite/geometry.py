@@ -52,9 +52,11 @@ class ConvSpec:
 
     @property
     def is_depthwise(self) -> bool:
+        """True for group == C_in (one input channel per group)."""
         return self.group == self.c_in and self.c_in > 0
 
     def describe(self) -> str:
+        """Channels, groups, kernel, and strides/dilations when not 1, in one line."""
         k = "x".join(map(str, self.kernel))
         s = "x".join(map(str, self.strides))
         text = f"Cin={self.c_in} Cout={self.c_out} G={self.group} (Cig={self.cig}, Cog={self.cog}) k={k}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,22 +30,26 @@ class Finding:
     prediction: Prediction | None = None  # each form's predicted (or tuned) time on the target
 
     def line(self) -> str:
+        """The finding for the terminal (several lines of at most ~80 columns)."""
         where = "" if self.graph == "main" else f" [{self.graph}]"
-        text = f"{self.status:<9} {self.node}{where}: {self.computes}"
+        what = self.computes
         if self.spec is not None and self.spec.output_shape and self.spec.output_spatial_size():
-            text += " out " + "x".join(str(d) for d in self.spec.output_shape[2:])
+            what += ", out " + "x".join(str(d) for d in self.spec.output_shape[2:])
+        parts = [what]
         if self.intermediate_mb_per_image is not None:
             verb = "uses" if self.status == "emulated" else "would use"
-            text += f"; emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra"
+            parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra")
         if self.reason:
-            text += f" - {self.reason}"
+            parts.append(self.reason)
         if self.prediction is not None and self.prediction.times_ms:
             p = self.prediction
             shown = p.measured_ms or p.times_ms
             times = ", ".join(f"{f} {shown[f]:.3f}" for f in tuning.FORMS if shown.get(f) is not None)
-            text += f"\n          {'measured' if p.basis == 'measured' else 'predicted'} ms: {times} -> {p.form}"
-            if p.basis == "prior":
-                text += " (uncalibrated)"
+            parts.append(f"{'measured' if p.basis == 'measured' else 'predicted'} ms: {times} -> {p.form}"
+                         + (" (uncalibrated)" if p.basis == "prior" else ""))
+        indent = " " * 6
+        body = [textwrap.fill(part, 80, initial_indent=indent, subsequent_indent=indent + "  ") for part in parts]
+        text = "\n".join([f"{self.status:<9} {self.node}{where}"] + body)
         return text
 
 
@@ -55,14 +60,18 @@ class InspectReport:
     cost_model: str = ""
 
     def count(self, status: str) -> int:
+        """Number of findings with `status` ("native", "emulated" or "skipped")."""
         return sum(f.status == status for f in self.findings)
 
     def lines(self) -> list[str]:
+        """The terminal report: every finding, then a summary."""
         summary = (f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
                    f"{self.count('emulated')} emulated, {self.count('skipped')} skipped")
-        return [f.line() for f in self.findings] + [summary, f"predictions for {self.provider}: {self.cost_model}"]
+        return [f.line() for f in self.findings] + [summary, textwrap.fill(f"cost model: {self.cost_model}", 80,
+                                                                             subsequent_indent="  ")]
 
     def to_dict(self) -> dict:
+        """Plain data (schema gconv-rewrite/inspect-report, docs/reports.md)."""
         return {"schema": "gconv-rewrite/inspect-report", "version": 1, "provider": self.provider,
                 "cost_model": self.cost_model, "findings": [asdict(f) for f in self.findings]}
 

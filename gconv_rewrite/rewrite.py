@@ -96,9 +96,11 @@ class RewriteResult:
 
     @property
     def changed(self) -> bool:
+        """True when any candidate was rewritten (and not reverted)."""
         return any(d.action in ("expanded", "fused", "converted") for d in self.decisions)
 
     def count(self, action: str) -> int:
+        """Number of decisions with `action` (fused, expanded, converted, kept, skipped, reverted)."""
         return sum(d.action == action for d in self.decisions)
 
     def predicted_ms(self) -> tuple[float, float] | None:

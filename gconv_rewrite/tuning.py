@@ -294,6 +294,7 @@ class TuneReport:
     skipped: list[str] = field(default_factory=list)  # candidates without a static geometry
 
     def lines(self) -> list[str]:
+        """The terminal report: one line per geometry, a summary, the cache file."""
         lines = [e.line() for e in self.entries]
         measured = sum(not e.cached for e in self.entries)
         wins = {f: sum(e.best == f for e in self.entries) for f in FORMS}
@@ -306,4 +307,5 @@ class TuneReport:
         return lines
 
     def to_dict(self) -> dict:
+        """Plain data, as `tune --json` prints it (docs/reports.md)."""
         return asdict(self)

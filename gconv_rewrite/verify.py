@@ -124,9 +124,11 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
+        """Every output of every sample within its tolerance."""
         return all(o.passed for o in self.outputs)
 
     def lines(self) -> list[str]:
+        """The terminal report: parity verdict, each output, notes, divergence, latency."""
         head = f"parity on {self.provider}, {self.samples} sample(s): {'PASS' if self.passed else 'FAIL'}" \
                f" ({self.provider_note})"
         out = [head] + ["  " + o.line() for o in self.outputs] + ["  " + n for n in self.notes]
@@ -137,6 +139,7 @@ class VerifyReport:
         return out
 
     def to_dict(self) -> dict:
+        """Plain data for the JSON report (docs/reports.md)."""
         return asdict(self) | {"passed": self.passed}
 
 
