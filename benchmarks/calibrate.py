@@ -24,8 +24,7 @@ import time
 from gconv_rewrite import runtime, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CSV = os.path.join(HERE, "data", "cpu_calibration.csv")
-PROFILE = os.path.join(HERE, "..", "gconv_rewrite", "profiles", "cpu.json")
+PROFILES = os.path.join(HERE, "..", "gconv_rewrite", "profiles")
 FORMS = tuning.FORMS
 
 
@@ -82,8 +81,8 @@ def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
     return probes
 
 
-def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False) -> None:
-    choice = runtime.choose_provider("cpu")
+def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False, provider: str = "cpu") -> None:
+    choice = runtime.choose_provider(provider)
     with open(path, "a" if append else "w", newline="") as f:
         out = csv.writer(f)
         if not append:
@@ -109,21 +108,26 @@ def main() -> None:
                         help="measure one grid only (with --append: add its rows to the CSV)")
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--csv", default=DEFAULT_CSV)
-    parser.add_argument("--profile", default=PROFILE)
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: calibrate onnxruntime's CUDA provider (data/cuda_calibration.csv, profiles/cuda.json)")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/data/<provider>_calibration.csv")
+    parser.add_argument("--profile", default=None, help="default: gconv_rewrite/profiles/<provider>.json")
     args = parser.parse_args()
+    args.csv = args.csv or os.path.join(HERE, "data", f"{args.provider}_calibration.csv")
+    args.profile = args.profile or os.path.join(PROFILES, f"{args.provider}.json")
     if not args.fit_only:
         probes = []
         if args.part in ("all", "wide"):
             probes += grid(60 if args.quick else args.count)
         if args.part in ("all", "model-like"):
             probes += model_like_grid(20 if args.quick else args.model_like)
-        measure_all(args.csv, probes, args.rounds, args.append)
+        measure_all(args.csv, probes, args.rounds, args.append, args.provider)
     from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
     rows = cost.read_measurements(args.csv)
-    choice = runtime.choose_provider("cpu")
-    profile = cost.fit(rows, provider="cpu", device=runtime.device_name(choice), ort_version=runtime.ort_version(),
-                       block=runtime.nchwc_block(), source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
+    choice = runtime.choose_provider(args.provider)
+    block = runtime.nchwc_block() if args.provider == "cpu" else 8  # the NCHWc flag is a CPU notion; inert on CUDA
+    profile = cost.fit(rows, provider=args.provider, device=runtime.device_name(choice), ort_version=runtime.ort_version(),
+                       block=block, source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
     profile.save(args.profile)
     print(f"fitted on {len(rows)} geometries -> {args.profile}")
     print(profile.describe())

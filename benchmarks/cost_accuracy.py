@@ -29,7 +29,6 @@ import numpy as np
 from gconv_rewrite import runtime, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CSV = os.path.join(HERE, "data", "cost_accuracy_cpu.csv")
 FORMS = tuning.FORMS
 
 
@@ -71,8 +70,8 @@ def held_out() -> list[tuple[str, tuple]]:
     return probes
 
 
-def measure_all(path: str, rounds: int) -> None:
-    choice = runtime.choose_provider("cpu")
+def measure_all(path: str, rounds: int, provider: str = "cpu") -> None:
+    choice = runtime.choose_provider(provider)
     probes = held_out()
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -128,14 +127,15 @@ def _findings_rule(p: tuning.Probe) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--evaluate", metavar="CSV", help="only evaluate saved measurements")
-    parser.add_argument("--out", default=DEFAULT_CSV)
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", default=None, help="default: benchmarks/data/cost_accuracy_<provider>.csv")
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    path = args.evaluate or args.out
+    path = args.evaluate or args.out or os.path.join(HERE, "data", f"cost_accuracy_{args.provider}.csv")
     if not args.evaluate:
-        measure_all(path, args.rounds)
+        measure_all(path, args.rounds, args.provider)
     from gconv_rewrite import cost  # noqa: PLC0415
-    profile = cost.load_profile("cpu")
+    profile = cost.load_profile(args.provider)
     print(f"held-out geometries: {path}; profile: {profile.describe()}")
     print(f"{'picker':<16} {'within 5% of best':>18} {'geomean slowdown':>17} {'worst':>7}")
     for name, s in evaluate(path, profile).items():

@@ -298,9 +298,10 @@ class TuneReport:
         lines = [e.line() for e in self.entries]
         measured = sum(not e.cached for e in self.entries)
         wins = {f: sum(e.best == f for e in self.entries) for f in FORMS}
-        lines.append(f"{len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'} on {self.target}: "
+        lines.append(f"{len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'}: "
                      f"{measured} measured, {len(self.entries) - measured} from the cache; fastest: "
                      + ", ".join(f"{f} {n}" for f, n in wins.items() if n))
+        lines.append(f"on: {self.target}")
         if self.skipped:
             lines.append(f"not tuned (spatial size not static): {', '.join(self.skipped)}")
         lines.append(f"cache: {self.cache}")

@@ -190,3 +190,32 @@ def test_cli_tune_and_verbose_rewrite_through_the_console_script(tmp_path):
     out = subprocess.run(exe + [model, "-o", str(tmp_path / "o.onnx"), "--no-verify", "-v", "--provider", "cpu",
                                 "--cache", cache], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "measured ms: native" in out.stdout and "tuned on this machine" not in out.stderr
+
+
+def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path):
+    """benchmarks/calibrate.py --fit-only on benchmarks/data gives the profile the package ships."""
+    from conftest import ROOT
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only", "--profile", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    refit = cost.Profile.from_dict(json.loads(out.read_text()))
+    shipped = cost.load_profile("cpu")
+    assert refit.points == shipped.points and refit.native.keys() == shipped.native.keys()
+    for path in shipped.native:
+        assert refit.native[path] == pytest.approx(shipped.native[path])
+
+
+def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurements():
+    """The held-out measurements of benchmarks/data, judged with the shipped profile (RESULTS.md)."""
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cost_accuracy
+    finally:
+        sys.path.pop(0)
+    summary = cost_accuracy.evaluate(str(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv"), cost.load_profile("cpu"))
+    model = summary["cost model"]
+    assert model["n"] == 136
+    assert model["within_5pct"] >= 0.95 and model["geomean_slowdown"] <= 0.02
+    assert model["geomean_slowdown"] <= summary["always native"]["geomean_slowdown"]
