@@ -196,7 +196,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         click.echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
         sys.exit(1)
     result.save(output)
-    say(f"wrote {output}")
+    say(f"wrote {output}" + ("" if result.changed else " (same graph as the input: nothing to rewrite)"))
 
 
 def _jsonable(value):
