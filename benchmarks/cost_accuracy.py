@@ -70,9 +70,9 @@ def held_out() -> list[tuple[str, tuple]]:
     return probes
 
 
-def measure_all(path: str, rounds: int, provider: str = "cpu") -> None:
+def measure_all(path: str, rounds: int, provider: str = "cpu", every: int = 1) -> None:
     choice = runtime.choose_provider(provider)
-    probes = held_out()
+    probes = held_out()[::every]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["model", "probe"] + [f"t_{form}_ms" for form in FORMS] + ["background_cores"])
@@ -130,10 +130,11 @@ def main() -> None:
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=None, help="default: benchmarks/data/cost_accuracy_<provider>.csv")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--every", type=int, default=1, help="measure every k-th geometry only (short device sessions)")
     args = parser.parse_args()
     path = args.evaluate or args.out or os.path.join(HERE, "data", f"cost_accuracy_{args.provider}.csv")
     if not args.evaluate:
-        measure_all(path, args.rounds, args.provider)
+        measure_all(path, args.rounds, args.provider, args.every)
     from gconv_rewrite import cost  # noqa: PLC0415
     profile = cost.load_profile(args.provider)
     print(f"held-out geometries: {path}; profile: {profile.describe()}")

@@ -6,7 +6,7 @@ verification, never-regress guard), then, for emulated inputs, `gconv_rewrite.ve
 twin, result)` timing the rewritten model against the native model with the same weights.
 Both timings are interleaved rounds in one process (see verify.measure_latency).
 
-    python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50]
+    python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50] [--provider cuda]
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ R50_LAYOUTS = [("native", {}), ("nhwc_tf2onnx", {"pad_node": True}), ("nhwc_sum_
                ("nchw_reducesum", {})]
 
 
-def row(name, model, twin, rounds):
+def row(name, model, twin, rounds, provider="cpu"):
     start = time.time()
-    result = gr.rewrite(model, provider="cpu", rounds=rounds)
+    result = gr.rewrite(model, provider=provider, rounds=rounds)
     counts = {a: result.count(a) for a in ("fused", "converted", "expanded", "kept", "reverted") if result.count(a)}
     lat = result.verification.latency if result.verification is not None else None
     vs_input = f"{1 / lat.ratio:.2f}x ({lat.verdict}, ±{lat.noise:.3f})" if lat else "unchanged"
@@ -38,7 +38,7 @@ def row(name, model, twin, rounds):
     vs_twin = ""
     if twin is not None:
         final = result.model
-        report = gr.verify(twin, final, "cpu", rounds=rounds)
+        report = gr.verify(twin, final, provider, rounds=rounds)
         t = report.latency
         vs_twin = f"{t.ratio:.3f} ({t.verdict}, ±{t.noise:.3f}); native {t.a_median_ms:.1f} ms, ours {t.b_median_ms:.1f} ms"
     print(f"| {name} | {counts} | {vs_input} | {vs_twin or '-'} | {time.time() - start:.0f} s |", flush=True)
@@ -48,19 +48,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-resnext50", action="store_true")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     print("| model | decisions | auto vs input (speedup) | auto result / native twin (time ratio) | wall |")
     print("|---|---|---|---|---|")
     native = os.path.join(MODELS, "resnext_native.onnx")
     for name in SAMPLES:
         path = os.path.join(MODELS, f"{name}.onnx")
-        row(f"models/{name}.onnx", path, None if name == "resnext_native" else native, args.rounds)
+        row(f"models/{name}.onnx", path, None if name == "resnext_native" else native, args.rounds, args.provider)
     if args.skip_resnext50:
         return
     twin = resnext_model(50, "32x4d", "native", batch=1)
     for layout, extra in R50_LAYOUTS:
         model = twin if layout == "native" else resnext_model(50, "32x4d", layout, batch=1, **extra)
-        row(f"ResNeXt-50 32x4d {layout}, batch 1, 224", model, None if layout == "native" else twin, args.rounds)
+        row(f"ResNeXt-50 32x4d {layout}, batch 1, 224", model, None if layout == "native" else twin, args.rounds,
+            args.provider)
 
 
 if __name__ == "__main__":

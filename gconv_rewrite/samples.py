@@ -55,6 +55,7 @@ __all__ = [
     "grouped_conv_model",
     "resnext_block_model",
     "resnext_model",
+    "swap_input_channels",
 ]
 
 LAYOUTS = (
@@ -679,3 +680,18 @@ def resnext_model(
         [_value_info("output", elem, (batch, num_classes))],
         opset, ir_version, doc=f"ResNeXt-{depth} {groups}x{base_width}d, random weights, layout {layout}",
     )
+
+
+def swap_input_channels(model, conv_index=0, group=0, i=0, j=1):
+    """A deliberately wrong copy of `model`: input channels i, j swapped inside one group of one grouped Conv."""
+    mutated = onnx.ModelProto()
+    mutated.CopyFrom(model)
+    convs = [n for n in mutated.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    inits = {t.name: t for t in mutated.graph.initializer}
+    tensor = inits[convs[conv_index].input[1]]
+    w = onnx.numpy_helper.to_array(tensor).copy()
+    cog = w.shape[0] // next(a.i for a in convs[conv_index].attribute if a.name == "group")
+    rows = slice(group * cog, (group + 1) * cog)
+    w[rows, [i, j]] = w[rows, [j, i]]
+    tensor.CopyFrom(onnx.numpy_helper.from_array(w, tensor.name))
+    return mutated

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError
-from gconv_rewrite.samples import resnext_block_model, resnext_model
+from gconv_rewrite.samples import resnext_block_model, resnext_model, swap_input_channels
 from gconv_rewrite.verify import RELATIVE_TOLERANCE, float32_twin, generate_inputs
 
 from conftest import MODELS, run_ort
@@ -21,21 +21,6 @@ def resnext50_pair():
     fused = gr.rewrite(emulated, "fuse", verify_result=False)
     assert fused.count("fused") == 16
     return emulated, fused.model
-
-
-def swap_input_channels(model, conv_index=0, group=0, i=0, j=1):
-    """Two input channels swapped inside one group of one grouped Conv."""
-    mutated = onnx.ModelProto()
-    mutated.CopyFrom(model)
-    convs = [n for n in mutated.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    inits = {t.name: t for t in mutated.graph.initializer}
-    tensor = inits[convs[conv_index].input[1]]
-    w = numpy_helper.to_array(tensor).copy()
-    cog = w.shape[0] // next(a.i for a in convs[conv_index].attribute if a.name == "group")
-    rows = slice(group * cog, (group + 1) * cog)
-    w[rows, [i, j]] = w[rows, [j, i]]
-    tensor.CopyFrom(numpy_helper.from_array(w, tensor.name))
-    return mutated
 
 
 def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair):
