@@ -226,12 +226,7 @@ def inspect_cmd(model, as_json, provider, cache):
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        report = api.inspect(model, provider, cache=cache)
-        if as_json:
-            click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
-        else:
-            for line in report.lines():
-                click.echo(line)
+        _print_report(api.inspect(model, provider, cache=cache), as_json)
     _guard(run)
 
 
@@ -250,14 +245,18 @@ def tune_cmd(model, provider, rounds, cache, force, as_json):
     Later rewrites (and inspect) use the measured times instead of the cost model's predictions."""
     def run():
         _announce_load(model, as_json)
-        report = api.tune(model, provider, rounds=rounds, cache=cache, force=force,
-                          progress=_progress("tuning", as_json))
-        if as_json:
-            click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
-        else:
-            for line in report.lines():
-                click.echo(line)
+        _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
+                               progress=_progress("tuning", as_json)), as_json)
     _guard(run)
+
+
+def _print_report(report, as_json: bool) -> None:
+    """A report's lines, or (--json) only its JSON on stdout."""
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
+    else:
+        for line in report.lines():
+            click.echo(line)
 
 
 @main.command("verify")
