@@ -92,6 +92,7 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
         model, _info = model_io.load(model)
     choice = runtime.choose_provider(provider)
     store = tuning.TuneCache(cache)
+    store.check_writable()  # before minutes of measuring, not after
     target = tuning.target_key(choice)
     report = TuneReport(target, store.path)
     groups: dict[str, tuple[tuning.Probe, list[str]]] = {}

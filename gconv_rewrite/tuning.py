@@ -8,6 +8,7 @@ The calibration script (benchmarks/calibrate.py), the accuracy benchmark and `tu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -207,13 +208,35 @@ class TuneCache:
     def __init__(self, path: str | None = None):
         self.path = path or cache_path()
         self.entries: dict[str, dict[str, dict]] = {}
+        self.problem = ""  # why an existing file is not used (and will not be overwritten)
         try:
             with open(self.path) as f:
                 data = json.load(f)
-            if data.get("version") == CACHE_VERSION:
-                self.entries = data.get("targets", {})
-        except (OSError, ValueError, AttributeError):
-            pass  # no cache yet, or an unreadable one: measure again
+        except (FileNotFoundError, NotADirectoryError):
+            return  # no cache yet (check_writable says if one cannot be made there)
+        except (OSError, ValueError) as exc:
+            self.problem = f"unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+            return
+        if not isinstance(data, dict) or "targets" not in data or not isinstance(data["targets"], dict):
+            self.problem = "not a gconv-rewrite tune cache"
+        elif data.get("version") == CACHE_VERSION:
+            self.entries = data["targets"]
+        # another version: its entries are ignored and replaced
+
+    def check_writable(self) -> None:
+        """Raise GconvError now, before any measurement, if save() could not write the file."""
+        from .errors import GconvError
+
+        if self.problem:
+            raise GconvError(f"tune cache {self.path} is {self.problem}; not overwritten "
+                             "(delete it or choose another --cache)")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise GconvError(f"cannot create the tune cache folder {folder} ({exc.strerror or exc})") from None
+        if not os.access(folder, os.W_OK):
+            raise GconvError(f"cannot write the tune cache in {folder} (permission denied)")
 
     def get(self, target: str, probe: Probe) -> Measurement | None:
         entry = self.entries.get(target, {}).get(probe.key())
@@ -228,12 +251,17 @@ class TuneCache:
 
     def save(self) -> None:
         """Write atomically (a reader never sees half a file)."""
-        folder = os.path.dirname(self.path) or "."
-        os.makedirs(folder, exist_ok=True)
+        self.check_writable()
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": CACHE_VERSION, "targets": self.entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"version": CACHE_VERSION, "targets": self.entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            from .errors import GconvError
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise GconvError(f"cannot write the tune cache {self.path} ({exc.strerror or exc})") from None
 
 
 def wait_for_quiet(max_wait_s: float = 10.0, busy_cores: float = 0.15) -> float:

@@ -219,3 +219,26 @@ def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurem
     assert model["n"] == 136
     assert model["within_5pct"] >= 0.95 and model["geomean_slowdown"] <= 0.02
     assert model["geomean_slowdown"] <= summary["always native"]["geomean_slowdown"]
+
+
+def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
+    from gconv_rewrite.cli import main
+    from click.testing import CliRunner
+    model = str(MODELS / "resnext_native.onnx")
+    foreign = tmp_path / "report.json"
+    foreign.write_text('{"schema": "something else"}')
+    for cache, message in ((foreign, "is not a gconv-rewrite tune cache; not overwritten"),
+                           (tmp_path / "garbage.json", "is unreadable"),
+                           (tmp_path / "file" / "c.json", "cannot create the tune cache folder")):
+        if cache.name == "garbage.json":
+            cache.write_bytes(b"\x00{not json")
+        (tmp_path / "file").write_text("a file where a folder should be")
+        before = cache.read_bytes() if cache.exists() else None
+        result = CliRunner().invoke(main, ["tune", model, "--provider", "cpu", "--cache", str(cache)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert (cache.read_bytes() if cache.exists() else None) == before
+    # a rewrite only reads the cache: a foreign file is ignored, never written
+    result = gr.rewrite(model, verify_result=False, provider="cpu", cache=str(foreign))
+    assert all(d.prediction.basis != "measured" for d in result.decisions)
+    assert foreign.read_text() == '{"schema": "something else"}'
