@@ -128,10 +128,12 @@ class Profile:
         source = self.describe(current_device)
         basis = "calibrated" if self.calibrated and (current_device is None or current_device == self.device) else "prior"
         if p is None:
-            return Prediction("", {}, "native", "spatial size unknown: no prediction, native kept", basis, source)
-        if p.dtype != "float32" and self.points:
+            return Prediction("", {}, "native", "spatial size unknown: no prediction, native kept", "prior",
+                              "no static spatial size")
+        if (p.dtype != "float32" or len(p.kernel) != 2) and self.points:
             times = roofline(p, self.provider)
-            basis, source = "prior", f"roofline prior ({p.dtype} not calibrated)"
+            what = p.dtype if p.dtype != "float32" else f"{len(p.kernel)}-D convs"
+            basis, source = "prior", f"roofline prior ({what} not calibrated)"
         else:
             times = self.predict(p, block)
         times = {f: t for f, t in times.items() if f in available}

@@ -242,3 +242,17 @@ def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
     result = gr.rewrite(model, verify_result=False, provider="cpu", cache=str(foreign))
     assert all(d.prediction.basis != "measured" for d in result.decisions)
     assert foreign.read_text() == '{"schema": "something else"}'
+
+
+def test_uncalibrated_geometries_keep_native_and_say_so():
+    """Only 2-D float32 convs are calibrated: 1-D/3-D and float16 get the prior (native kept)."""
+    profile = cost.load_profile("cpu")
+    here = runtime.device_name("cpu")
+    for p in (tuning.Probe(32, 32, 4, (64,), (3,), (1,), (1,), (1, 1), "NOTSET", "float32", 1),
+              tuning.Probe(32, 32, 4, (8, 8, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 6, "NOTSET", "float32", 1),
+              tuning.Probe(32, 32, 4, (16, 16), (3, 3), (1, 1), (1, 1), (1,) * 4, "NOTSET", "float16", 1)):
+        pred = profile.choose(p, current_device=here)
+        assert pred.basis == "prior" and pred.form == "native" and "not calibrated" in pred.source
+        measured = profile.choose(p, measured={"native": 2.0, "dw": 1.0, "split": 3.0, "dense": 3.0},
+                                  current_device=here)
+        assert measured.basis == "measured" and measured.form == "dw"  # a measurement decides anyway
