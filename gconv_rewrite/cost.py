@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .tuning import FORMS, Probe
+from . import runtime
+from .tuning import FORMS, Probe, TuneCache, target_key
 
 PROFILE_SCHEMA = "gconv-rewrite/cost-profile"
 PROFILE_VERSION = 1
@@ -234,8 +236,9 @@ def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
 
 # -- loading and fitting ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def load_profile(provider: str) -> Profile:
-    """The profile shipped for `provider` ("cpu" or "cuda"); a prior where none was fitted."""
+    """The profile shipped for `provider` ("cpu" or "cuda"); a prior where none was fitted. Read once."""
     path = os.path.join(_PROFILES, f"{provider}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -300,15 +303,13 @@ def fit(rows: list[tuple[Probe, dict[str, float]]], provider: str, device: str, 
 class Planner:
     """Picks a form per conv for one provider: measurements from the tune cache first, else the profile."""
 
-    def __init__(self, provider: str = "cpu", cache=None, profile: Profile | None = None):
-        from . import runtime, tuning
-
+    def __init__(self, provider: str = "cpu", cache: TuneCache | None = None, profile: Profile | None = None):
         self.provider = provider
         self.profile = profile or load_profile(provider)
         self.device = runtime.device_name(provider)
         self.block = runtime.nchwc_block() if provider == "cpu" else self.profile.block
-        self.target = tuning.target_key(provider)
-        cache = cache if cache is not None else tuning.TuneCache()
+        self.target = target_key(provider)
+        cache = cache if cache is not None else TuneCache()
         self.measured = {key: entry["times_ms"] for key, entry in cache.entries.get(self.target, {}).items()}
 
     def plan(self, spec, available=FORMS) -> Prediction:

@@ -114,14 +114,16 @@ class Probe:
 
 def form_models(probe: Probe) -> dict[str, onnx.ModelProto]:
     """The probe in every exact form, each written by the rewriter itself."""
+    from .cost import Planner
     from .rewrite import rewrite_model
 
+    planner = Planner("cpu", TuneCache(read=False))  # forced forms: predictions are not needed
     native = probe.model()
     models = {"native": native}
     for form in FORMS[1:]:
         copy = onnx.ModelProto()
         copy.CopyFrom(native)
-        decisions = rewrite_model(copy, form=form)
+        decisions = rewrite_model(copy, form=form, planner=planner)
         if decisions and decisions[0].action in ("expanded", "converted"):
             models[form] = copy
     return models
@@ -205,10 +207,12 @@ def target_key(provider: runtime.ProviderChoice | str) -> str:
 class TuneCache:
     """Measured times per (device, provider, onnxruntime version) and probe key, in one JSON file."""
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, read: bool = True):
         self.path = path or cache_path()
         self.entries: dict[str, dict[str, dict]] = {}
         self.problem = ""  # why an existing file is not used (and will not be overwritten)
+        if not read:
+            return
         try:
             with open(self.path) as f:
                 data = json.load(f)
