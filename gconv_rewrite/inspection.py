@@ -32,10 +32,13 @@ class Finding:
     def line(self) -> str:
         """The finding for the terminal (several lines of at most ~80 columns)."""
         where = "" if self.graph == "main" else f" [{self.graph}]"
-        what = self.computes
-        if self.spec is not None and self.spec.output_shape and self.spec.output_spatial_size():
-            what += ", out " + "x".join(str(d) for d in self.spec.output_shape[2:])
-        parts = [what]
+        parts = [self.computes]
+        if self.spec is not None:
+            geometry = self.spec.describe()
+            s = self.spec  # the next line says the geometry; the first need not repeat it
+            for said in (" " + geometry, f" G={s.group} (Cig={s.cig}, Cog={s.cog})"):
+                parts[0] = parts[0].replace(said, "")
+            parts.append(geometry + _spatial(self.spec))
         if self.intermediate_mb_per_image is not None:
             verb = "uses" if self.status == "emulated" else "would use"
             parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra")
@@ -109,6 +112,17 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     return report
 
 
+def _spatial(spec: ConvSpec) -> str:
+    """", 28x28 -> 14x14": the spatial sizes in and out, where the shapes say them."""
+    def dims(shape):
+        if not shape or len(shape) != spec.rank + 2:
+            return "?"
+        return "x".join(str(d) if d is not None else "?" for d in shape[2:])
+    if not spec.input_shape and not spec.output_shape:
+        return ""
+    return f", {dims(spec.input_shape)} -> {dims(spec.output_shape)}"
+
+
 def _finding(cand, path: str) -> Finding:
     if isinstance(cand, Skip):
         what = "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops"
@@ -116,6 +130,10 @@ def _finding(cand, path: str) -> Finding:
     spec = cand.spec
     mb = None
     elements = spec.emulation_intermediate_elements()
+    if isinstance(cand, Emulation) and spec.output_spatial_size() is not None:
+        # What this region materialises: its depthwise Conv's output (a wrong emulation's
+        # is as large as a right one's, though what it equals has multiplier 1).
+        elements = spec.output_spatial_size() * cand.dw_weight.shape[0]
     if elements is not None:
         mb = elements * np.dtype(spec.dtype).itemsize / 2**20
     if isinstance(cand, NativeGrouped):

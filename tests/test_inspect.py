@@ -20,6 +20,8 @@ def test_inspect_reports_native_emulated_and_wrong_emulations():
     assert abs(first.intermediate_mb_per_image - 8 * 64 * 14 * 14 * 4 / 2**20) < 1e-9
     wrong = gr.inspect(MODELS / "resnext_wrong_emulation.onnx")
     assert all(f.status == "emulated" and "NOT a grouped conv" in f.computes for f in wrong.findings)
+    # A wrong emulation materialises as much as a right one: its depthwise Conv has multiplier 8.
+    assert [f.intermediate_mb_per_image for f in wrong.findings] == [first.intermediate_mb_per_image] * 2
     tf = gr.inspect(FIXTURES / "tf_interleaved_cig_c.onnx")
     assert [f.computes for f in tf.findings] == [
         "grouped Conv G=4 (Cig=8, Cog=4) up to an input-channel permutation"]
@@ -33,6 +35,9 @@ def test_inspect_writes_nothing_and_prints_json(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(src)])
     assert result.exit_code == 0 and result.output.count("emulated ") == 2
     assert "2 candidate(s): 0 native grouped, 2 emulated, 0 skipped" in result.output
+    # The whole geometry, spatial sizes in (after the folded Pad) and out included.
+    assert "Cin=64 Cout=64 G=8 (Cig=8, Cog=8) k=3x3 s=2x2, 30x30 -> 14x14" in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
     as_json = CliRunner().invoke(main, ["inspect", str(src), "--json"])
     data = json.loads(as_json.output)
     assert [f["status"] for f in data["findings"]] == ["emulated", "emulated"]
