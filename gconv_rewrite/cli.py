@@ -16,6 +16,16 @@ from .rewrite import DIRECTIONS, FORMS, Decision
 from .runtime import PROVIDERS
 
 
+def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo that survives a closed pipe (`... | head`): the rest of the output is dropped,
+    the work (and the output file) is not."""
+    try:
+        click.echo(text, err=err, nl=nl)
+    except BrokenPipeError:
+        stream = sys.stderr if err else sys.stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class _DefaultGroup(click.Group):
     """`gconv-rewrite MODEL -o OUT` runs the `rewrite` command; `gconv-rewrite verify A B` a subcommand."""
 
@@ -32,10 +42,10 @@ class _DefaultGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+            _echo(f"error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
-            click.echo("interrupted; nothing written", err=True)
+            _echo("interrupted; nothing written", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -104,7 +114,7 @@ def _announce_load(path, quiet: bool = False) -> None:
     except OSError:
         return
     if not quiet and size > 100 * 2**20 and sys.stderr.isatty():
-        click.echo(f"loading {path} ({size / 2**20:.0f} MB) ...", err=True)
+        _echo(f"loading {path} ({size / 2**20:.0f} MB) ...", err=True)
 
 
 def _progress(label, quiet: bool = False):
@@ -115,7 +125,7 @@ def _progress(label, quiet: bool = False):
     def update(done, total):
         width = 24
         filled = int(width * done / max(total, 1))
-        click.echo(f"\r{label:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", err=True, nl=done == total)
+        _echo(f"\r{label:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", err=True, nl=done == total)
     return update
 
 
@@ -161,15 +171,20 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     _announce_load(model, quiet or as_json)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
                          tune_progress=_progress("tuning", quiet or as_json), **kwargs)
-    say = (lambda *a, **k: None) if as_json else click.echo
+    say = (lambda *a, **k: None) if as_json else _echo
     if verbose:
         for d in result.decisions:
-            say(d.line())
+            line, parts = d.line(), []
+            if d.spec is not None:  # the geometry with its spatial sizes, said once
+                if d.spec.describe() in line:
+                    line = line.replace(d.spec.describe(), d.spec.describe(shapes=True), 1)
+                else:
+                    parts.append(d.spec.describe(shapes=True))
+            say(textwrap.fill(line, 80, subsequent_indent=" " * 11))
             if d.prediction is not None and d.prediction.times_ms:
-                p = d.prediction
-                shown = p.measured_ms or p.times_ms
-                times = ", ".join(f"{f} {shown[f]:.3f}" for f in FORMS if shown.get(f) is not None)
-                say(f"         {'measured' if p.basis == 'measured' else 'predicted'} ms: {times} ({p.basis})")
+                parts += [d.prediction.times_line(), d.prediction.work]
+            for part in filter(None, parts):
+                say(textwrap.fill(part, 80, initial_indent=" " * 4, subsequent_indent=" " * 6))
         say(f"cost model: {result.planner}")
     elif not quiet and result.decisions:
         say(Decision.TABLE_HEADER)
@@ -191,9 +206,9 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     if report_path:
         _write_json(report_path, data)
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=_jsonable))
+        _echo(json.dumps(data, indent=2, default=_jsonable))
     if failed:
-        click.echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
+        _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
         sys.exit(1)
     result.save(output)
     say(f"wrote {output}" + ("" if result.changed else " (same graph as the input: nothing to rewrite)"))
@@ -253,10 +268,10 @@ def tune_cmd(model, provider, rounds, cache, force, as_json):
 def _print_report(report, as_json: bool) -> None:
     """A report's lines, or (--json) only its JSON on stdout."""
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
+        _echo(json.dumps(report.to_dict(), indent=2, default=_jsonable))
     else:
         for line in report.lines():
-            click.echo(line)
+            _echo(line)
 
 
 @main.command("verify")
@@ -270,7 +285,7 @@ def verify_cmd(reference, candidate, **verify_options):
     def run():
         report = api.verify(reference, candidate, **_verify_kwargs(**verify_options))
         for line in report.lines():
-            click.echo(line)
+            _echo(line)
         if not report.passed:
             sys.exit(1)
     _guard(run)
@@ -280,15 +295,15 @@ def _guard(fn):
     try:
         fn()
     except GconvError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except MemoryError:
-        click.echo("error: out of memory", err=True)
+        _echo("error: out of memory", err=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - never a traceback; say what failed, in one line
         text = str(exc).strip().splitlines()
-        click.echo(f"error: cannot process the model ({type(exc).__name__}: {text[0] if text else ''})", err=True)
+        _echo(f"error: cannot process the model ({type(exc).__name__}: {text[0] if text else ''})", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted; nothing written", err=True)
+        _echo("interrupted; nothing written", err=True)
         sys.exit(130)

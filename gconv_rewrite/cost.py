@@ -50,6 +50,7 @@ class Prediction:
     basis: str  # "calibrated", "prior" (uncalibrated here) or "measured"
     source: str  # which profile / cache, in words
     measured_ms: dict[str, float | None] | None = None
+    work: str = ""  # the forms' FLOPs and bytes relative to native, in words
 
     @property
     def calibrated(self) -> bool:
@@ -60,7 +61,14 @@ class Prediction:
         """Plain data for reports."""
         return {"probe": self.probe, "predicted_ms": {f: round(t, 5) for f, t in self.times_ms.items()},
                 "measured_ms": self.measured_ms, "form": self.form, "why": self.why, "basis": self.basis,
-                "source": self.source}
+                "source": self.source, "work": self.work}
+
+    def times_line(self) -> str:
+        """"predicted ms: native 0.048, dw 0.106, ... -> native": the numbers behind the pick."""
+        shown = self.measured_ms or self.times_ms
+        times = ", ".join(f"{f} {shown[f]:.3f}" for f in FORMS if shown.get(f) is not None)
+        verb = "measured" if self.basis == "measured" else "predicted"
+        return f"{verb} ms: {times} -> {self.form}" + (" (uncalibrated)" if self.basis == "prior" else "")
 
 
 def features(p: Probe, block: int) -> list[float]:
@@ -215,23 +223,36 @@ _PRIOR = {"cuda": dict(launch_ms=0.005, gflops=15000.0, gbytes_s=1500.0),
           "cpu": dict(launch_ms=0.002, gflops=100.0, gbytes_s=20.0)}
 
 
-def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
-    """Prior time of every form: launches + max(FLOP time, byte time)."""
-    c = _PRIOR.get(provider, _PRIOR["cuda"])
+def work(p: Probe) -> dict[str, tuple[int, float, float]]:
+    """What each form must do: (nodes run, FLOPs, activation bytes read + written)."""
     item = np.dtype(p.dtype).itemsize
     out = p.batch * math.prod(p.output_spatial())
     x_bytes = p.batch * p.c_in * math.prod(p.spatial) * item
     y_bytes = out * p.c_out * item
-    inter = p.batch * p.c_in * p.cog * math.prod(p.output_spatial()) * item
+    inter = p.batch * p.c_in * p.cog * math.prod(p.output_spatial()) * item  # Cig x the output
     flops = 2.0 * macs(p)
+    return {"native": (1, flops, x_bytes + y_bytes),
+            "dw": (2, flops, x_bytes + 2 * inter + y_bytes),  # Reshapes move nothing
+            "split": (p.group + 2, flops, 2 * (x_bytes + y_bytes)),  # Split and Concat copy
+            "dense": (1, flops * p.group, x_bytes + y_bytes)}
 
-    def t(nodes, fl, by):
-        return nodes * c["launch_ms"] + max(fl / (c["gflops"] * 1e6), by / (c["gbytes_s"] * 1e6))
 
-    return {"native": t(1, flops, x_bytes + y_bytes),
-            "dw": t(4, flops, x_bytes + 2 * inter + y_bytes),
-            "split": t(p.group + 2, flops, 2 * (x_bytes + y_bytes)),
-            "dense": t(1, flops * p.group, x_bytes + y_bytes)}
+def explain_work(p: Probe, forms=FORMS) -> str:
+    """The forms' work relative to native, in words: what the predicted times stand on."""
+    w = work(p)
+    _, flops, by = w["native"]
+    text = {"dw": f"dw moves {w['dw'][2] / by:.1f}x the bytes",
+            "split": f"split {w['split'][2] / by:.1f}x the bytes in {w['split'][0]} nodes",
+            "dense": f"dense does {w['dense'][1] / flops:.0f}x the FLOPs"}
+    parts = [text[f] for f in forms if f in text]
+    return ", ".join(parts) + " of native" if parts else ""
+
+
+def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
+    """Prior time of every form: launches + max(FLOP time, byte time)."""
+    c = _PRIOR.get(provider, _PRIOR["cuda"])
+    return {form: nodes * c["launch_ms"] + max(fl / (c["gflops"] * 1e6), by / (c["gbytes_s"] * 1e6))
+            for form, (nodes, fl, by) in work(p).items()}
 
 
 # -- loading and fitting ---------------------------------------------------------------------------
@@ -316,7 +337,10 @@ class Planner:
         """The Prediction for a candidate's ConvSpec (its batch when static, else 1)."""
         probe = Probe.from_spec(spec) if spec is not None else None
         measured = self.measured.get(probe.key()) if probe is not None else None
-        return self.profile.choose(probe, available, measured, self.block, self.device)
+        prediction = self.profile.choose(probe, available, measured, self.block, self.device)
+        if probe is not None:
+            prediction.work = explain_work(probe, available)
+        return prediction
 
     def describe(self) -> str:
         return self.profile.describe(self.device)

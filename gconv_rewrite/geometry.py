@@ -55,8 +55,8 @@ class ConvSpec:
         """True for group == C_in (one input channel per group)."""
         return self.group == self.c_in and self.c_in > 0
 
-    def describe(self) -> str:
-        """Channels, groups, kernel, and strides/dilations when not 1, in one line."""
+    def describe(self, shapes: bool = False) -> str:
+        """Channels, groups, kernel, strides/dilations when not 1 (and spatial in -> out), in one line."""
         k = "x".join(map(str, self.kernel))
         s = "x".join(map(str, self.strides))
         text = f"Cin={self.c_in} Cout={self.c_out} G={self.group} (Cig={self.cig}, Cog={self.cog}) k={k}"
@@ -64,6 +64,12 @@ class ConvSpec:
             text += f" s={s}"
         if any(v != 1 for v in self.dilations):
             text += " d=" + "x".join(map(str, self.dilations))
+        if shapes and (self.input_shape or self.output_shape):
+            def dims(shape):
+                if not shape or len(shape) != self.rank + 2:
+                    return "?"
+                return "x".join("?" if d is None else str(d) for d in shape[2:])
+            text += f", {dims(self.input_shape)} -> {dims(self.output_shape)}"
         return text
 
     def output_spatial_size(self) -> int | None:

@@ -38,18 +38,20 @@ class Finding:
             s = self.spec  # the next line says the geometry; the first need not repeat it
             for said in (" " + geometry, f" G={s.group} (Cig={s.cig}, Cog={s.cog})"):
                 parts[0] = parts[0].replace(said, "")
-            parts.append(geometry + _spatial(self.spec))
+            parts.append(self.spec.describe(shapes=True))
+        if self.status == "emulated":
+            parts[0] = "equals a " + parts[0]
+        elif parts[0] == "grouped Conv" and len(parts) > 1:
+            parts.pop(0)  # a native grouped Conv: its geometry says it all
         if self.intermediate_mb_per_image is not None:
             verb = "uses" if self.status == "emulated" else "would use"
             parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra")
         if self.reason:
             parts.append(self.reason)
         if self.prediction is not None and self.prediction.times_ms:
-            p = self.prediction
-            shown = p.measured_ms or p.times_ms
-            times = ", ".join(f"{f} {shown[f]:.3f}" for f in tuning.FORMS if shown.get(f) is not None)
-            parts.append(f"{'measured' if p.basis == 'measured' else 'predicted'} ms: {times} -> {p.form}"
-                         + (" (uncalibrated)" if p.basis == "prior" else ""))
+            parts.append(self.prediction.times_line())
+            if self.prediction.work:
+                parts.append(self.prediction.work)
         indent = " " * 6
         body = [textwrap.fill(part, 80, initial_indent=indent, subsequent_indent=indent + "  ") for part in parts]
         text = "\n".join([f"{self.status:<9} {self.node}{where}"] + body)
@@ -110,17 +112,6 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
 
     visit(loaded.graph, None, "main")
     return report
-
-
-def _spatial(spec: ConvSpec) -> str:
-    """", 28x28 -> 14x14": the spatial sizes in and out, where the shapes say them."""
-    def dims(shape):
-        if not shape or len(shape) != spec.rank + 2:
-            return "?"
-        return "x".join(str(d) if d is not None else "?" for d in shape[2:])
-    if not spec.input_shape and not spec.output_shape:
-        return ""
-    return f", {dims(spec.input_shape)} -> {dims(spec.output_shape)}"
 
 
 def _finding(cand, path: str) -> Finding:

@@ -131,6 +131,9 @@ class RewriteResult:
             lines.append(f"  skipped: {reason}")
         if len(skipped) > 3:
             lines.append(f"  ... {len(skipped) - 3} other skip reason(s); see the lines above")
+        wrong = sum("NOT a grouped conv" in d.computes for d in self.decisions)
+        if wrong:
+            lines.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
         predicted = self.predicted_ms()
         if predicted and self.changed:
             b, a = predicted
@@ -257,6 +260,10 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
                         current), None
     action = {"native": "fused" if not native else "kept", "dw": "expanded" if native else "converted"}.get(form, "converted")
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
+    if depthwise and cand.grouping.max_terms > 1:
+        # Exact all the same: the model computes this, whatever its author meant.
+        reason = (f"NOT a grouped conv: it sums over the multiplier axis (Cog), not the in-group axis; "
+                  f"rewritten to the depthwise Conv it equals")
     if direction == "auto" and prediction is not None and prediction.form == form:
         reason = (reason + "; " if reason else "") + prediction.why
     return decision(action, reason, form), form

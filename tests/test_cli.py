@@ -49,9 +49,30 @@ def test_skips_are_printed_with_their_reason(tmp_path):
     assert all(len(line) <= 80 for line in lines if not line.startswith("wrote"))
     verbose = invoke(FIXTURES / "torch_native_grouped.onnx", "-o", tmp_path / "o.onnx", "--direction", "fuse", "-v",
                      "--no-verify")
-    assert "kept     /conv2/Conv: grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3 - direction=fuse keeps" \
-        in verbose.output
-    assert "predicted ms: native " in verbose.output and "cost model: cpu " in verbose.output
+    assert all(len(line) <= 80 for line in verbose.output.splitlines() if not line.startswith("wrote"))
+    unwrapped = " ".join(verbose.output.split())
+    assert "kept /conv2/Conv: grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3, 8x8 -> 8x8 - direction=fuse" \
+        in unwrapped
+    assert "grouped Conv Cin=32 Cout=32 G=8 (Cig=4, Cog=4) k=3x3, 8x8 -> 8x8 - direction" in unwrapped
+    assert "predicted ms: native " in unwrapped and "cost model: cpu " in unwrapped
+    # What the times stand on: Cig = 4, so the emulation's intermediate is 4x the output.
+    assert "dw moves" in unwrapped and "dense does 8x the FLOPs of native" in unwrapped
+
+
+def test_a_wrong_emulation_is_flagged_in_every_report(tmp_path):
+    wrong = MODELS / "resnext_wrong_emulation.onnx"
+    for direction, action in (("auto", "fused"), ("expand", "kept")):
+        result = invoke(wrong, "-o", tmp_path / "o.onnx", "--direction", direction, "--no-verify")
+        assert result.exit_code == 0, result.output
+        assert result.output.count(f"{action:<10}block") == 2
+        assert "warning: 2 emulation(s) sum over the multiplier axis: NOT grouped convs" in result.output
+    fused = invoke(wrong, "-o", tmp_path / "o.onnx", "--no-verify")
+    assert "NOT a grouped conv: it sums over the multiplier axis" in " ".join(fused.output.split())
+    ops = op_counts(onnx.load(tmp_path / "o.onnx"))
+    assert "ReduceSum" not in ops
+    convs = [n for n in onnx.load(tmp_path / "o.onnx").graph.node if n.op_type == "Conv" and "conv2" in n.name]
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in convs]
+    assert groups == [64, 64]  # the depthwise Convs the regions equal, not grouped ones
 
 
 @pytest.mark.parametrize("content,message", [
@@ -121,6 +142,19 @@ def test_console_script_and_module_entry_points(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gconv_rewrite", "missing.onnx", "-o", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.onnx: no such file"
+
+
+def test_a_closed_pipe_drops_the_output_not_the_work(tmp_path):
+    """`gconv-rewrite ... | head -1`: quiet exit 0 and the model written, no BrokenPipe error."""
+    exe = shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or shutil.which("gconv-rewrite")
+    out = tmp_path / "out.onnx"
+    proc = subprocess.Popen([exe, str(SAMPLE), "-o", str(out), "-v", "--no-verify"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # what `head` does after its first line
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+    onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
 def test_failed_parity_writes_nothing_unless_forced(tmp_path):

@@ -256,3 +256,17 @@ def test_uncalibrated_geometries_keep_native_and_say_so():
         measured = profile.choose(p, measured={"native": 2.0, "dw": 1.0, "split": 3.0, "dense": 3.0},
                                   current_device=here)
         assert measured.basis == "measured" and measured.form == "dw"  # a measurement decides anyway
+
+
+def test_the_work_behind_the_predictions_is_counted_exactly():
+    """The explanation each report gives: bytes and FLOPs of every form relative to native."""
+    # Cin = Cout = 32, G = 8 (Cig = Cog = 4), 3x3 'same' conv on 8x8: input and output the same size.
+    p = tuning.Probe(32, 32, 8, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
+    w = cost.work(p)
+    x = y = 32 * 8 * 8 * 4
+    assert w["native"] == (1, 2.0 * 32 * 4 * 9 * 64, x + y)
+    assert w["dw"][2] == x + 2 * (4 * y) + y  # the intermediate, Cig x the output, written and read once
+    assert w["dense"][1] == 8 * w["native"][1] and w["split"] == (10, w["native"][1], 2 * (x + y))
+    assert cost.explain_work(p) == ("dw moves 5.0x the bytes, split 2.0x the bytes in 10 nodes, "
+                                    "dense does 8x the FLOPs of native")
+    assert cost.explain_work(p, ("native", "dense")) == "dense does 8x the FLOPs of native"
