@@ -26,7 +26,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
     grouped Conv into depthwise Conv + Reshape + ReduceSum + Reshape; "auto" picks per node
-    (today: fuse emulations, keep native grouped Convs, the fastest form on onnxruntime CPU).
+    the form the cost model (or `tune`'s measurements) says is fastest on `provider`, and
+    undoes the rewrite if verification does not measure it faster (never-regress guard).
     form: force every grouped conv, native or emulated, into "native", "dw" (the depthwise
     emulation), "split" (Split -> G Convs -> Concat) or "dense" (block-diagonal weights).
     provider: the target ("auto": CUDA where it works, else CPU); auto mode plans for it with

@@ -158,7 +158,8 @@ class Profile:
         why = _why(form, times_used, basis)
         if basis == "prior" and native is not None:
             form = "native"  # an uncalibrated prior informs the report, it does not leave the one-node form
-            why = f"native kept: uncalibrated prior (run `gconv-rewrite tune` to measure); {_why(form, times_used, basis)}"
+            why = (f"native: an uncalibrated prior picks no other form (`gconv-rewrite tune` measures them); "
+                   f"{_why(form, times_used, basis)}")
         elif form != "native" and native is not None and times_used[form] > native / (1 + self.margin):
             form = "native"  # not enough gain to leave the one-node form (and within the timing noise)
             why = _why(form, times_used, basis)

@@ -137,9 +137,11 @@ class RewriteResult:
         predicted = self.predicted_ms()
         if predicted and self.changed:
             b, a = predicted
-            tuned = any(d.prediction is not None and d.prediction.basis == "measured" for d in self.decisions)
-            lines.append(f"grouped convs on {self.provider}: {b:.2f} ms -> {a:.2f} ms "
-                         f"{'tuned/predicted' if tuned else 'predicted'} ({b / a:.2f}x)")
+            bases = {d.prediction.basis for d in self.decisions if d.prediction is not None}
+            label = "tuned/predicted" if "measured" in bases else "predicted"
+            if "prior" in bases:
+                label += ", uncalibrated"
+            lines.append(f"grouped convs on {self.provider}: {b:.2f} ms -> {a:.2f} ms {label} ({b / a:.2f}x)")
         wb, wa = self.weight_bytes()
         if self.changed:
             lines.append(f"weights: {wb / 2**20:.2f} MB -> {wa / 2**20:.2f} MB")

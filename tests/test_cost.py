@@ -105,6 +105,20 @@ def test_shipped_cpu_profile_and_the_cuda_prior():
     assert pred.times_ms["dw"] > pred.times_ms["native"]
 
 
+def test_reports_that_rely_on_the_cuda_prior_say_uncalibrated():
+    """Planning for CUDA (no calibration yet): every row and the summary say the numbers are a prior."""
+    from gconv_rewrite import model_io
+    from gconv_rewrite.rewrite import RewriteResult
+    model, info = model_io.load(MODELS / "resnext_emulated_tf.onnx")
+    planner = cost.Planner("cuda", tuning.TuneCache(None, read=False))
+    decisions = rewrite_model(model, "auto", None, info.value_infos, planner)
+    result = RewriteResult(model, decisions, "auto", info, provider="cuda", planner=planner.describe())
+    assert [d.action for d in decisions] == ["fused", "fused"]  # the emulations still become one Conv
+    assert all(d.prediction.basis == "prior" and "uncalibrated prior" in d.reason for d in decisions)
+    assert any("ms predicted, uncalibrated (" in line for line in result.summary())
+    assert "uncalibrated" in result.planner and "uncalibrated" in decisions[0].prediction.times_line()
+
+
 def _forced_profile(winner: str) -> cost.Profile:
     """A calibrated profile, for this device, in which `winner` is 2x faster than native everywhere."""
     rows = [(p, {f: t["native"] * (0.5 if f == winner else 3.0) if f != "native" else t["native"] for f in t})
