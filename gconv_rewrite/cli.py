@@ -74,7 +74,8 @@ def main():
       gconv-rewrite inspect MODEL                                 list candidates, write nothing
       gconv-rewrite tune MODEL                                    measure each form here, cache it
 
-    Exit codes: 0 success, 1 verification failed (nothing written), 2 bad input or usage.
+    Exit codes: 0 success, 1 verification failed (nothing written unless --force), 2 bad input
+    or usage.
     """
 
 
@@ -88,7 +89,7 @@ def _verify_options(fn):
         click.option("--inputs", "input_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
                      metavar="FILE.npz", help="Input sample (arrays named after the graph inputs); repeatable."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
-        click.option("--tolerance", type=float, default=None,
+        click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Override the limit on each output's error relative to its magnitude."),
         click.option("--compare-all", is_flag=True, help="On a mismatch, name the first node whose outputs diverge."),
         click.option("--no-latency", is_flag=True, help="Check parity only; do not time the models."),
@@ -137,7 +138,7 @@ def _progress(label, quiet: bool = False):
 @click.option("--form", type=click.Choice(FORMS), default=None,
               help="Force every grouped conv into one form (experiments): native, dw, split or dense.")
 @click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
-@click.option("--force", is_flag=True, help="Write OUT even when parity fails.")
+@click.option("--force", is_flag=True, help="Write OUT even when parity fails (the exit code is still 1).")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
@@ -156,6 +157,8 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
     auto (the default) picks per node the form the cost model predicts fastest on the target
     provider (measured times from `tune` win), and undoes the rewrite if the verified model
     is not faster beyond the noise."""
+    if quiet and verbose:
+        raise click.UsageError("-q and -v exclude each other")
     _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
                             report_path, as_json, quiet, verbose, tune_first, cache))
 
@@ -211,7 +214,13 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
         sys.exit(1)
     result.save(output)
-    say(f"wrote {output}" + ("" if result.changed else " (same graph as the input: nothing to rewrite)"))
+    if result.count("reverted"):
+        say(f"wrote {output} (the input, unchanged: the rewrite was reverted)")
+    else:
+        say(f"wrote {output}" + ("" if result.changed else " (same graph as the input: nothing to rewrite)"))
+    if report is not None and not report.passed:  # --force: written, but a pipeline must still see the failure
+        _echo(f"error: the rewritten model fails parity; {output} written anyway (--force)", err=True)
+        sys.exit(1)
 
 
 def _jsonable(value):

@@ -70,10 +70,13 @@ class InspectReport:
 
     def lines(self) -> list[str]:
         """The terminal report: every finding, then a summary."""
-        summary = (f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
-                   f"{self.count('emulated')} emulated, {self.count('skipped')} skipped")
-        return [f.line() for f in self.findings] + [summary, textwrap.fill(f"cost model: {self.cost_model}", 80,
-                                                                             subsequent_indent="  ")]
+        summary = [f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
+                   f"{self.count('emulated')} emulated, {self.count('skipped')} skipped"]
+        wrong = sum("NOT a grouped conv" in f.computes for f in self.findings)
+        if wrong:
+            summary.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
+        return [f.line() for f in self.findings] + summary + [
+            textwrap.fill(f"cost model: {self.cost_model}", 80, subsequent_indent="  ")]
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/inspect-report, docs/reports.md)."""

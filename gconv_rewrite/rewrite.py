@@ -46,10 +46,11 @@ class Decision:
     graph: str = "main"
     nodes_removed: int = 0
     nodes_added: int = 0
-    form: str | None = None  # the form the node is in afterwards (None: not a rewritable conv)
+    form: str | None = None  # the form afterwards: native | dw | split | dense, or "depthwise" for a wrong
+    #                          emulation fused into the plain depthwise Conv it equals (None: skipped)
     prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
 
-    TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<7} {'ms before -> after':>24}"
+    TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<9} {'ms before -> after':>24}"
 
     def row(self) -> str:
         """One row of the 80-column table: action, node, form afterwards, predicted (or tuned) ms."""
@@ -63,7 +64,7 @@ class Decision:
             original = "native" if self.kind == "grouped_conv" else "dw"
             if original in t and self.form in t:
                 times = f"{t[original]:.3f} -> {t[self.form]:.3f}{' *' if p.basis == 'measured' else ''}"
-        return f"{self.action:<9} {node:<34} {self.form or '-':<7} {times:>24}"
+        return f"{self.action:<9} {node:<34} {self.form or '-':<9} {times:>24}"
 
     def line(self) -> str:
         """One human-readable line for the terminal."""
@@ -268,7 +269,7 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
                   f"rewritten to the depthwise Conv it equals")
     if direction == "auto" and prediction is not None and prediction.form == form:
         reason = (reason + "; " if reason else "") + prediction.why
-    return decision(action, reason, form), form
+    return decision(action, reason, "depthwise" if depthwise else form), form
 
 
 # -- edits ---------------------------------------------------------------------------------------

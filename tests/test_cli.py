@@ -68,6 +68,10 @@ def test_a_wrong_emulation_is_flagged_in_every_report(tmp_path):
         assert "warning: 2 emulation(s) sum over the multiplier axis: NOT grouped convs" in result.output
     fused = invoke(wrong, "-o", tmp_path / "o.onnx", "--no-verify")
     assert "NOT a grouped conv: it sums over the multiplier axis" in " ".join(fused.output.split())
+    # Its form afterwards is a plain depthwise Conv, not a "native" grouped one.
+    assert [line.split()[2] for line in fused.output.splitlines() if line.startswith("fused ")] == ["depthwise"] * 2
+    inspected = invoke("inspect", wrong)
+    assert "warning: 2 emulation(s) sum over the multiplier axis: NOT grouped convs" in inspected.output
     ops = op_counts(onnx.load(tmp_path / "o.onnx"))
     assert "ReduceSum" not in ops
     convs = [n for n in onnx.load(tmp_path / "o.onnx").graph.node if n.op_type == "Conv" and "conv2" in n.name]
@@ -164,7 +168,19 @@ def test_failed_parity_writes_nothing_unless_forced(tmp_path):
     assert result.exit_code == 1 and "FAIL" in result.output and "not written" in result.output
     assert not out.exists()
     forced = invoke(SAMPLE, "-o", out, *strict, "--force")
-    assert forced.exit_code == 0 and out.exists()
+    # written, but the failure still reaches a pipeline through the exit code
+    assert forced.exit_code == 1 and out.exists() and "written anyway" in forced.output
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+@pytest.mark.parametrize("args, complaint", [(("-q", "-v"), "exclude each other"),
+                                             (("--tolerance", "-1"), "--tolerance"),
+                                             (("--tolerance", "0"), "--tolerance")])
+def test_contradictory_or_impossible_options_are_usage_errors(tmp_path, args, complaint):
+    out = tmp_path / "out.onnx"
+    result = invoke(SAMPLE, "-o", out, *args)
+    assert result.exit_code == 2 and complaint in result.output and not out.exists()
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_verification_reports_latency_with_a_verdict(tmp_path):
