@@ -20,7 +20,7 @@ from onnx import NodeProto, helper
 from .channelmap import (TRACEABLE_OPS, ChannelMap, NotAChannelMove, ShapeEval, Traced, classify_output,
                          conv_1x1_matrix, propagate, source)
 from .geometry import ConvSpec, spec_from_conv
-from .graph import SHAPE_ONLY_OPS, GraphIndex, attr
+from .graph import SHAPE_ONLY_OPS, GraphIndex, ShapeTable, attr
 from .lowering import Grouping, NotFusable, solve_grouping
 
 _SHAPE_OPS = frozenset({"Shape", "Size", "Gather", "Cast", "Slice", "Concat", "Unsqueeze", "Squeeze",
@@ -74,6 +74,18 @@ class Skip:
 
 
 Candidate = NativeGrouped | Emulation | Skip
+
+
+def planning_spec(cand: Candidate, shapes: ShapeTable | None) -> ConvSpec | None:
+    """The candidate's geometry for the cost model: its own, or, where its spatial size is symbolic,
+    the one `shapes` (inferred with concrete input shapes, --input-shape) gives. The graph keeps its
+    symbolic dims: this only informs predictions and reports."""
+    spec = cand.spec
+    if spec is None or shapes is None or spec.output_spatial_size() is not None:
+        return spec
+    x = (cand.node if isinstance(cand, (NativeGrouped, Skip)) else cand.dw).input[0]
+    shape = shapes.get(x)
+    return spec.at_input(shape) if shape is not None else spec
 
 
 def node_label(node: NodeProto) -> str:

@@ -33,6 +33,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     provider: the target ("auto": CUDA where it works, else CPU); auto mode plans for it with
     its cost profile, and measured times from the tune cache (`cache`, default: the user's
     cache directory) override predictions. tune_first: run `tune` on this model first.
+    input_shapes: concrete shapes of inputs with symbolic dims (name -> shape), used to plan
+    (the written graph keeps its symbolic dims) and to generate verification inputs.
     verify_result: prove the rewrite with onnxruntime on `provider` (`result.verification`):
     parity of every output and, with `latency`, interleaved timing; skipped when nothing
     changed. The other arguments are those of `verify`.
@@ -43,13 +45,15 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     choice = runtime.choose_provider(provider)
     tune_report = None
     if tune_first:
-        tune_report = tune(original, choice.name, cache=cache, progress=tune_progress, _info=info)
+        tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
+                           _info=info)
     planner = Planner(choice.name, tuning.TuneCache(cache))
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
         rewritten.CopyFrom(original)
-    decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner)
+    plan_shapes = model_io.shapes_at(original, input_shapes) if input_shapes else None
+    decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner, plan_shapes)
     result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
                            tuning=tune_report)
     if verify_result and result.changed:
@@ -80,14 +84,15 @@ def _never_regress(result: RewriteResult, original) -> None:
 
 
 def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: str | None = None, force: bool = False,
-         progress=None, _info=None) -> TuneReport:
+         input_shapes: dict[str, tuple[int, ...]] | None = None, progress=None, _info=None) -> TuneReport:
     """Measure every distinct grouped-conv geometry of `model` in each exact form on `provider`.
 
     Each geometry becomes a single-conv model per form, timed like verification does (own
     sessions, spinning off, forms rotated round by round). Results are cached per (device,
     provider, onnxruntime version, geometry, dtype) in `cache` (default: the user's cache
     directory, see tuning.cache_path); cached geometries are not measured again unless `force`.
-    `rewrite` then uses the measured times instead of the predictions.
+    `rewrite` then uses the measured times instead of the predictions. `input_shapes` gives
+    symbolic input dims a size (name -> shape), so that symbolic-size convs can be measured.
     """
     if _info is None:
         model, _info = model_io.load(model)
@@ -97,7 +102,7 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     target = tuning.target_key(choice)
     report = TuneReport(target, store.path)
     groups: dict[str, tuple[tuning.Probe, list[str]]] = {}
-    for finding in inspect(model, provider=choice.name, _info=_info).findings:
+    for finding in inspect(model, provider=choice.name, input_shapes=input_shapes, _info=_info).findings:
         if finding.status == "skipped" or finding.spec is None or finding.spec.is_depthwise:
             continue
         probe = tuning.Probe.from_spec(finding.spec)

@@ -188,7 +188,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
                 parts += [d.prediction.times_line(), d.prediction.work]
             for part in filter(None, parts):
                 say(textwrap.fill(part, 80, initial_indent=" " * 4, subsequent_indent=" " * 6))
-        say(f"cost model: {result.planner}")
+        say(textwrap.fill(f"cost model: {result.planner}", 80, subsequent_indent="  "))
     elif not quiet and result.decisions:
         say(Decision.TABLE_HEADER)
         for d in result.decisions:
@@ -197,6 +197,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
                 say(textwrap.fill(d.reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
         if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
             say("(* measured by tune; other times predicted by the cost model)")
+    if result.tuning is not None and not quiet:
+        say(result.tuning.summary())
     for line in result.summary():
         say(line)
     report = result.verification
@@ -245,12 +247,14 @@ def _write_json(path, data) -> None:
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
               help="The target whose predicted times are shown.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Tuning cache file (see `tune`).")
-def inspect_cmd(model, as_json, provider, cache):
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+              help="Give symbolic input dims a size for the predictions (repeatable).")
+def inspect_cmd(model, as_json, provider, cache, input_shapes):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache), as_json)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=_parse_shapes(input_shapes)), as_json)
     _guard(run)
 
 
@@ -263,14 +267,16 @@ def inspect_cmd(model, as_json, provider, cache):
               help="Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
 @click.option("--force", is_flag=True, help="Measure again geometries already in the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON only.")
-def tune_cmd(model, provider, rounds, cache, force, as_json):
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+              help="Give symbolic input dims a size, so that those convs can be measured (repeatable).")
+def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
     """Measure every grouped-conv geometry of MODEL in each exact form on this machine, and cache it.
 
     Later rewrites (and inspect) use the measured times instead of the cost model's predictions."""
     def run():
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
-                               progress=_progress("tuning", as_json)), as_json)
+                               input_shapes=_parse_shapes(input_shapes), progress=_progress("tuning", as_json)), as_json)
     _guard(run)
 
 
@@ -286,15 +292,28 @@ def _print_report(report, as_json: bool) -> None:
 @main.command("verify")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON (schema gconv-rewrite/verify-report, version 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdicts.")
 @_verify_options
-def verify_cmd(reference, candidate, **verify_options):
+def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_options):
     """Compare two models with the same inputs and outputs: parity of every output, and latency.
 
     Exit 1 when an output differs beyond its tolerance."""
     def run():
-        report = api.verify(reference, candidate, **_verify_kwargs(**verify_options))
-        for line in report.lines():
-            _echo(line)
+        if report_path:
+            check_writable(report_path)
+        report = api.verify(reference, candidate, **_verify_kwargs(**verify_options, quiet=quiet or as_json))
+        data = report.to_dict() | {"reference": reference, "candidate": candidate}
+        if report_path:
+            _write_json(report_path, data)
+        if as_json:
+            _echo(json.dumps(data, indent=2, default=_jsonable))
+        else:
+            lines = report.lines()
+            for line in lines[:1] + ([report.latency.line()] if report.latency else []) if quiet else lines:
+                _echo(line)
         if not report.passed:
             sys.exit(1)
     _guard(run)

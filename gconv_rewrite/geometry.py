@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,6 +72,16 @@ class ConvSpec:
             text += f", {dims(self.input_shape)} -> {dims(self.output_shape)}"
         return text
 
+    def at_input(self, input_shape: tuple[Dim, ...]) -> "ConvSpec":
+        """This conv applied to an input of `input_shape` (N, C, spatial...): the output shape follows
+        from the attributes; a dim stays symbolic where the input's is."""
+        if len(input_shape) != self.rank + 2 or not all(isinstance(d, int) for d in input_shape[2:]):
+            return replace(self, input_shape=tuple(input_shape))
+        spatial = conv_output_dims(input_shape[2:], self.kernel, self.strides, self.dilations, self.pads,
+                                   self.auto_pad)
+        return replace(self, input_shape=tuple(input_shape),
+                       output_shape=(input_shape[0], self.c_out) + spatial)
+
     def output_spatial_size(self) -> int | None:
         """Product of the static output spatial dims, or None when any is dynamic."""
         if not self.output_shape or len(self.output_shape) != self.rank + 2:
@@ -94,6 +104,17 @@ class ConvSpec:
         if spatial is None:
             return None
         return spatial * self.c_in * self.cog
+
+
+def conv_output_dims(spatial, kernel, strides, dilations, pads, auto_pad: str) -> tuple[int, ...]:
+    """Output spatial dims of a Conv (ONNX arithmetic): explicit pads, or SAME_* (ceil(size / stride)) / VALID."""
+    out = []
+    for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+        if pads is None:
+            out.append(-(-size // s) if auto_pad.startswith("SAME") else (size - (k - 1) * d - 1) // s + 1)
+        else:
+            out.append((size + pads[i] + pads[i + len(spatial)] - (k - 1) * d - 1) // s + 1)
+    return tuple(out)
 
 
 def conv_attributes(node) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import model_io, runtime, tuning
 from .cost import Planner, Prediction
-from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
+from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
 from .geometry import ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
 
@@ -52,6 +52,8 @@ class Finding:
             parts.append(self.prediction.times_line())
             if self.prediction.work:
                 parts.append(self.prediction.work)
+        elif self.prediction is not None:
+            parts.append(self.prediction.why)
         indent = " " * 6
         body = [textwrap.fill(part, 80, initial_indent=indent, subsequent_indent=indent + "  ") for part in parts]
         text = "\n".join([f"{self.status:<9} {self.node}{where}"] + body)
@@ -85,17 +87,19 @@ class InspectReport:
 
 
 def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
-            _info=None) -> InspectReport:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, _info=None) -> InspectReport:
     """Find every grouped Conv and emulation subgraph (all graphs) without changing anything.
 
     Each finding carries every form's predicted time on `provider` (measured, where `tune`
-    cached this geometry) and the form the cost model would pick.
+    cached this geometry) and the form the cost model would pick. `input_shapes` resolves
+    symbolic input dims (name -> shape) for those predictions.
     """
     if _info is None:
         loaded, info = model_io.load(model)
     else:
         loaded, info = model, _info
     shapes = ShapeTable(loaded, info.value_infos or None)
+    resolved = ShapeTable(loaded, model_io.shapes_at(loaded, input_shapes)) if input_shapes else None
     opset = default_opset(loaded)
     choice = runtime.choose_provider(provider)
     planner = Planner(choice.name, tuning.TuneCache(cache))
@@ -108,7 +112,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
                 for sub in subgraphs(node):
                     visit(sub, ix, f"{path}/{node_label(node)}/{sub.name or 'body'}")
         for cand in analyse(ix):
-            finding = _finding(cand, path)
+            finding = _finding(cand, path, planning_spec(cand, resolved))
             if finding.status != "skipped" and finding.spec is not None and not finding.spec.is_depthwise:
                 finding.prediction = planner.plan(finding.spec, tuple(f for f in tuning.FORMS if f != "dw" or opset >= 5))
             report.findings.append(finding)
@@ -117,11 +121,10 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     return report
 
 
-def _finding(cand, path: str) -> Finding:
+def _finding(cand, path: str, spec: ConvSpec | None) -> Finding:
     if isinstance(cand, Skip):
         what = "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops"
-        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, cand.spec)
-    spec = cand.spec
+        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec)
     mb = None
     elements = spec.emulation_intermediate_elements()
     if isinstance(cand, Emulation) and spec.output_spatial_size() is not None:

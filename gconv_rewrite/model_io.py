@@ -178,6 +178,32 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     return infos
 
 
+def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The model's value shapes when its graph inputs have `input_shapes` (--input-shape): what the
+    cost model plans with where the model's own spatial dims are symbolic. The model is not changed."""
+    from .graph import skeleton, value_infos
+
+    skel = skeleton(model)
+    inputs = {vi.name: vi for vi in skel.graph.input}
+    for name, dims in input_shapes.items():
+        vi = inputs.get(name)
+        if vi is None or name in {t.name for t in model.graph.initializer}:
+            raise GconvError(f"--input-shape names unknown input '{name}' (inputs: "
+                             f"{', '.join(i.name for i in model.graph.input)})")
+        shape = vi.type.tensor_type.shape
+        if len(dims) != len(shape.dim):
+            raise GconvError(f"--input-shape {name}: rank {len(dims)}, but the input has rank {len(shape.dim)}")
+        for axis, (d, size) in enumerate(zip(shape.dim, dims)):
+            if d.HasField("dim_value") and d.dim_value != size:
+                raise GconvError(f"--input-shape {name}: dim {axis} is {size}, but the model fixes it to {d.dim_value}")
+            d.Clear()
+            d.dim_value = size
+    try:
+        return value_infos(onnx.shape_inference.infer_shapes(skel, check_type=True, data_prop=True))
+    except Exception as exc:
+        raise GconvError(f"--input-shape: shape inference fails with these shapes ({_first_line(exc)})") from None
+
+
 def _about_unloaded_data(model: ModelProto, exc: Exception) -> bool:
     """An error only because tensors were left on disk (load(weights=False)): not the model's fault.
     Their locations were checked at load; onnxruntime reads them from the model's folder."""

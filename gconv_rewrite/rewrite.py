@@ -17,7 +17,7 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, helper
 
 from . import model_io
-from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label
+from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
 from .cost import Planner, Prediction
 from .geometry import ConvSpec
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
@@ -171,12 +171,15 @@ class RewriteResult:
 
 
 def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,
-                  value_infos: dict | None = None, planner: Planner | None = None) -> list[Decision]:
+                  value_infos: dict | None = None, planner: Planner | None = None,
+                  plan_shapes: dict | None = None) -> list[Decision]:
     """Rewrite `model` in place (callers pass their own copy) and return the decisions.
 
     `form` forces every grouped conv (native or emulated) into one form; `direction` then is moot.
     `value_infos`: the model's inferred shapes when already known (model_io.load returns them).
     `planner`: the cost model of the target provider (default: onnxruntime CPU on this machine).
+    `plan_shapes`: value shapes at concrete input shapes (model_io.shapes_at), for planning and
+    reports where the model's spatial dims are symbolic; the graph stays symbolic.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
@@ -188,7 +191,8 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
     decisions: list[Decision] = []
     if planner is None:
         planner = Planner("cpu")
-    _rewrite_graph(model.graph, shapes, opset, None, "main", (direction, form, planner), names, decisions,
+    resolved = ShapeTable(model, plan_shapes) if plan_shapes else None
+    _rewrite_graph(model.graph, shapes, opset, None, "main", (direction, form, planner, resolved), names, decisions,
                    model.ir_version)
     for fn in model.functions:
         for node in fn.node:
@@ -226,11 +230,12 @@ def _rewrite_graph(graph: GraphProto, shapes, opset: int, outer: GraphIndex | No
 
 def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
     """What to do with a candidate: a Decision, and the form to write (None: leave it)."""
-    direction, form, planner = direction
+    direction, form, planner, resolved = direction
+    spec = planning_spec(cand, resolved)
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
-                        cand.reason, cand.spec), None
+                        cand.reason, spec), None
     native = isinstance(cand, NativeGrouped)
     label = node_label(cand.node if native else cand.dw)
     kind = "grouped_conv" if native else "emulation"
@@ -238,10 +243,10 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
     current = "native" if native else "dw"
     depthwise = not native and cand.grouping.is_depthwise
     available = ("native",) if depthwise else tuple(f for f in FORMS if f != "dw" or opset >= 5)
-    prediction = planner.plan(cand.spec, available) if not depthwise else None
+    prediction = planner.plan(spec, available) if not depthwise else None
 
     def decision(action, reason, now):
-        return Decision(label, kind, action, computes, reason, cand.spec, form=now, prediction=prediction)
+        return Decision(label, kind, action, computes, reason, spec, form=now, prediction=prediction)
 
     if form is None:
         if direction == "expand" and not native:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
-from .geometry import ConvSpec
+from .geometry import ConvSpec, conv_output_dims
 
 FORMS = ("native", "dw", "split", "dense")
 CACHE_VERSION = 1
@@ -63,14 +64,7 @@ class Probe:
         return self.c_out // self.group
 
     def output_spatial(self) -> tuple[int, ...]:
-        out = []
-        for i, (size, k, s, d) in enumerate(zip(self.spatial, self.kernel, self.strides, self.dilations)):
-            if self.pads is None:  # SAME_* keeps ceil(size / stride); VALID pads nothing
-                out.append(-(-size // s) if self.auto_pad.startswith("SAME") else (size - (k - 1) * d - 1) // s + 1)
-            else:
-                total = self.pads[i] + self.pads[i + len(self.spatial)]
-                out.append((size + total - (k - 1) * d - 1) // s + 1)
-        return tuple(out)
+        return conv_output_dims(self.spatial, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
 
     def key(self) -> str:
         """A stable text key (cache, CSV)."""
@@ -309,11 +303,14 @@ class TuneEntry:
     notes: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
+        """The node(s), then each form's time and the fastest, wrapped to 80 columns."""
         times = ", ".join(f"{f} {self.times_ms[f]:.3f}" for f in FORMS if self.times_ms.get(f) is not None)
         where = self.nodes[0] + (f" (+{len(self.nodes) - 1} more)" if len(self.nodes) > 1 else "")
         native = self.times_ms.get("native")
-        gain = f", {native / self.times_ms[self.best]:.2f}x native" if native and self.best != "native" else ""
-        return f"{self.best:<6} {where}: {times} ms{gain}{' [cached]' if self.cached else ''}"
+        gain = f" ({native / self.times_ms[self.best]:.2f}x native)" if native and self.best != "native" else ""
+        head = textwrap.shorten(where, 70, placeholder="...") + (" [cached]" if self.cached else "")
+        return head + "\n" + textwrap.fill(f"measured ms: {times} -> {self.best}{gain}", 80, initial_indent="    ",
+                                           subsequent_indent="      ")
 
 
 @dataclass
@@ -330,15 +327,27 @@ class TuneReport:
         lines = [e.line() for e in self.entries]
         measured = sum(not e.cached for e in self.entries)
         wins = {f: sum(e.best == f for e in self.entries) for f in FORMS}
-        lines.append(f"{len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'}: "
-                     f"{measured} measured, {len(self.entries) - measured} from the cache; fastest: "
-                     + ", ".join(f"{f} {n}" for f, n in wins.items() if n))
-        lines.append(f"on: {self.target}")
+        summary = (f"{len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'}: "
+                   f"{measured} measured, {len(self.entries) - measured} from the cache")
+        if self.entries:
+            summary += "; fastest: " + ", ".join(f"{f} {n}" for f, n in wins.items() if n)
+        lines.append(summary)
+        lines.append(textwrap.fill(f"on: {self.target}", 80, subsequent_indent="  "))
         if self.skipped:
-            lines.append(f"not tuned (spatial size not static): {', '.join(self.skipped)}")
+            lines.append(textwrap.fill(f"not tuned (spatial size not static; give it with --input-shape): "
+                                       f"{', '.join(self.skipped)}", 80, subsequent_indent="  "))
         lines.append(f"cache: {self.cache}")
         return lines
 
+    def summary(self) -> str:
+        """One line for the main command's report after --tune."""
+        measured = sum(not e.cached for e in self.entries)
+        text = (f"tuned {len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'} "
+                f"({measured} measured, {len(self.entries) - measured} cached)")
+        if self.skipped:
+            text += f"; {len(self.skipped)} not tuned (spatial size not static)"
+        return text
+
     def to_dict(self) -> dict:
-        """Plain data, as `tune --json` prints it (docs/reports.md)."""
-        return asdict(self)
+        """Plain data, as `tune --json` prints it (schema gconv-rewrite/tune-report, docs/reports.md)."""
+        return {"schema": "gconv-rewrite/tune-report", "version": 1} | asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -58,7 +59,7 @@ class OutputParity:
         head = f"{verdict:<4} {self.name} {self.dtype}{list(self.shape)}"
         if self.reference != "original":
             head += f" [vs {self.reference}]"
-        return (f"{head}\n     rel to magnitude {self.max_rel:.3g} (limit {self.tolerance:.1g}); "
+        return (f"{head}\n   rel to magnitude {self.max_rel:.3g} (limit {self.tolerance:.1g}); "
                 f"max abs {self.max_abs:.3g}; min rtol {self.min_rtol:.3g}")
 
 
@@ -87,7 +88,8 @@ class LatencyReport:
     def verdict_text(self) -> str:
         if self.verdict == "within noise":
             return f"ratio {self.ratio:.3f} ±{self.noise:.3f}: no difference beyond the noise"
-        return f"{self.speedup:.2f}x {'faster' if self.ratio < 1 else 'slower'} (ratio {self.ratio:.3f} ±{self.noise:.3f})"
+        factor = f"{self.speedup:.2f}x faster" if self.ratio < 1 else f"{self.ratio:.2f}x slower"
+        return f"{factor} (ratio {self.ratio:.3f} ±{self.noise:.3f})"
 
     def line(self) -> str:
         """Two lines (80 columns): the verdict, then both medians with their interquartile ranges."""
@@ -131,16 +133,17 @@ class VerifyReport:
         """The terminal report: parity verdict, each output, notes, divergence, latency."""
         head = f"parity on {self.provider}, {self.samples} sample(s): {'PASS' if self.passed else 'FAIL'}" \
                f" ({self.provider_note})"
-        out = [head] + ["  " + o.line() for o in self.outputs] + ["  " + n for n in self.notes]
+        out = [textwrap.fill(head, 80, subsequent_indent="  ")] + ["  " + o.line() for o in self.outputs]
+        out += [textwrap.fill(n, 80, initial_indent="  ", subsequent_indent="    ") for n in self.notes]
         if self.divergence is not None:
-            out.append("  " + self.divergence.line())
+            out.append(textwrap.fill(self.divergence.line(), 80, initial_indent="  ", subsequent_indent="    "))
         if self.latency is not None:
             out.append(self.latency.line())
         return out
 
     def to_dict(self) -> dict:
-        """Plain data for the JSON report (docs/reports.md)."""
-        return asdict(self) | {"passed": self.passed}
+        """Plain data (schema gconv-rewrite/verify-report, docs/reports.md)."""
+        return {"schema": "gconv-rewrite/verify-report", "version": 1} | asdict(self) | {"passed": self.passed}
 
 
 def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, provider: str = "auto", *,
@@ -160,6 +163,7 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
     names = [o.name for o in a.graph.output]
     if sorted(names) != sorted(o.name for o in b.graph.output):
         raise GconvError(f"the models have different outputs: {names} vs {[o.name for o in b.graph.output]}")
+    _check_same_inputs(a, b)
     if inputs is not None:
         inputs = check_inputs(a, inputs)
     else:
@@ -194,7 +198,8 @@ def _run(sess, names, feed):
         return sess.run(names, feed)
     except Exception as exc:
         text = str(exc).strip().splitlines()
-        raise GconvError(f"onnxruntime failed to run the model: {text[-1] if text else exc}") from None
+        detail = next((line for line in reversed(text) if line.strip() and "Please fix" not in line), str(exc))
+        raise GconvError(f"onnxruntime failed to run the model: {' '.join(detail.split())}") from None
 
 
 # -- parity -------------------------------------------------------------------------------------
@@ -369,6 +374,31 @@ def graph_inputs(model: ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in init_names]
 
 
+def _signature(vi: onnx.ValueInfoProto) -> str:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return "a non-tensor"
+    dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    return f"{dtype}[{', '.join(dims)}]"
+
+
+def _check_same_inputs(a: ModelProto, b: ModelProto) -> None:
+    """Both models must take the same inputs (names, dtypes, static dims): else say which differs."""
+    ins_a, ins_b = {vi.name: vi for vi in graph_inputs(a)}, {vi.name: vi for vi in graph_inputs(b)}
+    if set(ins_a) != set(ins_b):
+        raise GconvError(f"the models have different inputs: {sorted(ins_a)} vs {sorted(ins_b)}")
+    for name, va in ins_a.items():
+        ta, tb = va.type.tensor_type, ins_b[name].type.tensor_type
+        dims_a, dims_b = list(ta.shape.dim), list(tb.shape.dim)
+        clash = ta.elem_type != tb.elem_type or (ta.HasField("shape") and tb.HasField("shape") and (
+            len(dims_a) != len(dims_b) or any(x.HasField("dim_value") and y.HasField("dim_value")
+                                              and x.dim_value != y.dim_value for x, y in zip(dims_a, dims_b))))
+        if clash:
+            raise GconvError(f"input '{name}' differs: {_signature(va)} in the first model, "
+                             f"{_signature(ins_b[name])} in the second")
+
+
 def check_inputs(model: ModelProto, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """User samples must name exactly the model's inputs."""
     wanted = {vi.name for vi in graph_inputs(model)}
@@ -429,12 +459,7 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
                 elif axis == 0:
                     dims.append(batch)
                 else:
-                    unresolved = [x.dim_param or "?" for i, x in enumerate(tt.shape.dim)
-                                  if i > 0 and not x.HasField("dim_value")]
-                    raise GconvError(f"input '{vi.name}' has unresolved dims {', '.join(unresolved)}; "
-                                     f"give its shape with --input-shape {vi.name}:" + "x".join(
-                                         str(x.dim_value) if x.HasField("dim_value") else (x.dim_param or "?")
-                                         for x in tt.shape.dim))
+                    raise GconvError(_unresolved(vi.name, tt.shape.dim, batch))
         if np.issubdtype(dtype, np.floating):
             value = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
@@ -445,6 +470,15 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
             raise GconvError(f"input '{vi.name}' has dtype {dtype}, which cannot be generated; pass inputs explicitly")
         feed[vi.name] = np.asarray(value)  # a 0-d draw is a numpy scalar; onnxruntime wants an array
     return feed
+
+
+def _unresolved(name: str, dims, batch: int) -> str:
+    """The error for an input with symbolic non-batch dims: which, and the option to give them."""
+    symbols = [d.dim_param or f"dim {axis}" for axis, d in enumerate(dims) if axis > 0 and not d.HasField("dim_value")]
+    template = "x".join(str(d.dim_value) if d.HasField("dim_value") else str(batch) if axis == 0 else
+                        f"<{d.dim_param or 'dim ' + str(axis)}>" for axis, d in enumerate(dims))
+    return (f"input '{name}' has symbolic dims {', '.join(symbols)}; give its shape with "
+            f"--input-shape {name}:{template}, each <...> replaced by a size")
 
 
 def _as_model(src: model_io.ModelSource) -> tuple[ModelProto, str | None]:

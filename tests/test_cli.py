@@ -1,11 +1,14 @@
 """The command line, through click's runner and through the installed console script."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -125,6 +128,26 @@ def test_verify_command_detects_a_different_model():
     assert wrong.exit_code == 1 and "FAIL" in wrong.output
 
 
+def test_verify_command_writes_versioned_json_and_names_a_differing_input(tmp_path):
+    report = tmp_path / "v.json"
+    result = invoke("verify", SAMPLE, MODELS / "resnext_emulated_nchw.onnx", "--provider", "cpu", "--no-latency",
+                    "--json", "--report", report)
+    data = json.loads(result.output)
+    assert result.exit_code == 0 and data == json.loads(report.read_text())
+    assert data["schema"] == "gconv-rewrite/verify-report" and data["version"] == 1 and data["passed"] is True
+    quiet = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--provider", "cpu", "--no-latency", "-q")
+    assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 2 sample(s): FAIL")
+    assert len(quiet.output.splitlines()) == 1
+    # Same input name, other channel count: said plainly, before onnxruntime's own message.
+    other = tmp_path / "other.onnx"
+    m = onnx.load(SAMPLE)
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 32
+    onnx.save(m, other)
+    clash = invoke("verify", SAMPLE, other, "--provider", "cpu")
+    assert clash.exit_code == 2 and "input 'input' differs: float32[" in clash.output
+    assert "32" in clash.output.split("in the first model,")[1]
+
+
 def test_unresolved_symbolic_dims_name_the_dims(tmp_path):
     model = FIXTURES / "keras215_block3_dynamic.onnx"
     result = invoke(model, "-o", tmp_path / "o.onnx")
@@ -133,6 +156,37 @@ def test_unresolved_symbolic_dims_name_the_dims(tmp_path):
     assert ok.exit_code == 0, ok.output
     bad = invoke(model, "-o", tmp_path / "o.onnx", "--input-shape", "nope:2x8x8x32")
     assert bad.exit_code == 2 and "unknown input 'nope'" in bad.output
+    clash = invoke("inspect", model, "--input-shape", "input:2x8x8x16")
+    assert clash.exit_code == 2 and "dim 3 is 16, but the model fixes it to 32" in clash.output
+
+
+def test_the_suggested_input_shape_is_a_template_that_works_once_filled(tmp_path):
+    model = FIXTURES / "keras215_block3_dynamic.onnx"
+    message = invoke(model, "-o", tmp_path / "o.onnx").output
+    suggested = message.split("--input-shape ")[1].split(",")[0]
+    assert suggested == "input:2x<unk__568>x<unk__569>x32"
+    filled = suggested.replace("<unk__568>", "8").replace("<unk__569>", "8")
+    assert invoke(model, "-o", tmp_path / "o.onnx", "--input-shape", filled, "--no-latency").exit_code == 0
+
+
+def test_input_shapes_inform_planning_while_the_graph_stays_symbolic(tmp_path):
+    model = FIXTURES / "keras215_block3_dynamic.onnx"
+    out = tmp_path / "o.onnx"
+    blind = invoke("inspect", model)
+    assert "spatial size unknown" in blind.output and "predicted ms" not in blind.output
+    seen = invoke("inspect", model, "--input-shape", "input:1x8x8x32")
+    assert "10x10 -> 8x8" in seen.output and "predicted ms: native" in seen.output
+    result = invoke(model, "-o", out, "--input-shape", "input:2x8x8x32", "--form", "dw", "--no-latency")
+    assert result.exit_code == 0, result.output
+    rewritten = onnx.load(out)
+    assert [d.dim_param for d in rewritten.graph.input[0].type.tensor_type.shape.dim][1:3] == ["unk__568", "unk__569"]
+    # The rewrite must still run, and agree, at another size than the one planned with.
+    x = np.random.default_rng(0).standard_normal((1, 13, 11, 32)).astype(np.float32)
+    (want,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert want.shape == got.shape == (1, 13, 11, 256) and np.abs(want - got).max() <= 3e-6 * np.abs(want).max()
+    tuned = invoke("tune", model, "--input-shape", "input:1x8x8x32", "--cache", tmp_path / "t.json", "--rounds", "3")
+    assert tuned.exit_code == 0 and "1 geometry: 1 measured" in tuned.output
 
 
 def test_console_script_and_module_entry_points(tmp_path):
