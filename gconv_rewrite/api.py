@@ -30,7 +30,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     undoes the rewrite if verification does not measure it faster (never-regress guard).
     form: force every grouped conv, native or emulated, into "native", "dw" (the depthwise
     emulation), "split" (Split -> G Convs -> Concat) or "dense" (block-diagonal weights).
-    provider: the target ("auto": CUDA where it works, else CPU); auto mode plans for it with
+    provider: the target ("auto": CUDA where it works, else CPU; "cuda" with verify_result=False
+    plans for CUDA even where it does not run); auto mode plans for it with
     its cost profile, and measured times from the tune cache (`cache`, default: the user's
     cache directory) override predictions. tune_first: run `tune` on this model first.
     input_shapes: concrete shapes of inputs with symbolic dims (name -> shape), used to plan
@@ -42,7 +43,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     original, info = model_io.load(model)  # our own copy
-    choice = runtime.choose_provider(provider)
+    # Planning alone runs nothing: a CPU-only machine may plan for CUDA; verifying or tuning needs it here.
+    choice = (runtime.choose_provider if verify_result or tune_first else runtime.target_provider)(provider)
     tune_report = None
     if tune_first:
         tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,

@@ -101,7 +101,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     shapes = ShapeTable(loaded, info.value_infos or None)
     resolved = ShapeTable(loaded, model_io.shapes_at(loaded, input_shapes)) if input_shapes else None
     opset = default_opset(loaded)
-    choice = runtime.choose_provider(provider)
+    choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
     planner = Planner(choice.name, tuning.TuneCache(cache))
     report = InspectReport(provider=choice.name, cost_model=planner.describe())
 

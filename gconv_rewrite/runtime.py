@@ -109,6 +109,14 @@ def choose_provider(provider: str) -> ProviderChoice:
     return ProviderChoice("cuda", (_CUDA, _CPU), "auto: the CUDA provider works here")
 
 
+def target_provider(provider: str) -> ProviderChoice:
+    """The provider to plan for, which need not run here: `--provider cuda` on a CPU-only machine
+    plans a GPU deployment with the CUDA cost profile (nothing is run, so nothing is refused)."""
+    if provider == "cuda" and _cuda_problem():
+        return ProviderChoice("cuda", (), f"planned for CUDA without running it here ({_cuda_problem()})")
+    return choose_provider(provider)
+
+
 # cuDNN settings used for every CUDA session, so that reports can state them.
 CUDNN_CONV_ALGO_SEARCH = "EXHAUSTIVE"
 

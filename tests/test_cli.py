@@ -121,6 +121,17 @@ def test_cuda_where_it_does_not_work_is_an_error_not_a_cpu_run(tmp_path):
         assert result.exit_code == 0 and "parity on cuda" in result.output
 
 
+def test_planning_for_cuda_needs_no_gpu(tmp_path):
+    """A CPU-only build machine prepares a GPU deployment: inspect and --no-verify plan for CUDA."""
+    inspected = invoke("inspect", MODELS / "resnext_native.onnx", "--provider", "cuda")
+    assert inspected.exit_code == 0 and "cost model: cuda" in inspected.output
+    out = tmp_path / "o.onnx"
+    planned = invoke(SAMPLE, "-o", out, "--provider", "cuda", "--no-verify")
+    assert planned.exit_code == 0 and "grouped convs on cuda:" in planned.output and out.exists()
+    data = json.loads(invoke(SAMPLE, "-o", out, "--provider", "cuda", "--no-verify", "--json").output)
+    assert data["provider"] == "cuda" and data["verification"] is None
+
+
 def test_verify_command_detects_a_different_model():
     same = invoke("verify", SAMPLE, MODELS / "resnext_emulated_nchw.onnx", "--provider", "cpu")
     assert same.exit_code == 0 and "PASS" in same.output
