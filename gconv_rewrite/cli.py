@@ -42,6 +42,9 @@ class _DefaultGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gconv-rewrite`: the help, not an "error"
+                _echo(exc.format_message(), err=True)
+                sys.exit(2)
             _echo(f"error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
@@ -69,10 +72,10 @@ def main():
     """Rewrite grouped convolutions in ONNX models: native Conv(group=G) <-> depthwise emulation.
 
     \b
-      gconv-rewrite MODEL -o OUT [--direction auto|expand|fuse]   rewrite and verify
-      gconv-rewrite verify A.onnx B.onnx                          compare two models
-      gconv-rewrite inspect MODEL                                 list candidates, write nothing
-      gconv-rewrite tune MODEL                                    measure each form here, cache it
+      gconv-rewrite MODEL -o OUT      rewrite to the fastest form per node, verify
+      gconv-rewrite inspect MODEL     list grouped convs and emulations; no output
+      gconv-rewrite tune MODEL        measure each form on this machine; cache it
+      gconv-rewrite verify A B        compare two models: parity and latency
 
     Exit codes: 0 success, 1 verification failed (nothing written unless --force), 2 bad input
     or usage.

@@ -148,6 +148,8 @@ def test_verify_command_writes_versioned_json_and_names_a_differing_input(tmp_pa
     assert data["schema"] == "gconv-rewrite/verify-report" and data["version"] == 1 and data["passed"] is True
     quiet = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--provider", "cpu", "--no-latency", "-q")
     assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 2 sample(s): FAIL")
+    loud = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--rounds", "3", "--compare-all")
+    assert loud.exit_code == 1 and max(map(len, loud.output.splitlines())) <= 80, loud.output
     assert len(quiet.output.splitlines()) == 1
     # Same input name, other channel count: said plainly, before onnxruntime's own message.
     other = tmp_path / "other.onnx"
@@ -198,6 +200,7 @@ def test_input_shapes_inform_planning_while_the_graph_stays_symbolic(tmp_path):
     assert want.shape == got.shape == (1, 13, 11, 256) and np.abs(want - got).max() <= 3e-6 * np.abs(want).max()
     tuned = invoke("tune", model, "--input-shape", "input:1x8x8x32", "--cache", tmp_path / "t.json", "--rounds", "3")
     assert tuned.exit_code == 0 and "1 geometry: 1 measured" in tuned.output
+    assert max(map(len, tuned.output.splitlines() + seen.output.splitlines())) <= 80
 
 
 def test_console_script_and_module_entry_points(tmp_path):
@@ -339,3 +342,13 @@ def test_every_command_and_exit_code_through_the_console_script(tmp_path, case):
     if case.endswith("json"):
         import json
         json.loads(proc.stdout)  # nothing but JSON on stdout
+
+
+def test_help_fits_80_columns_and_a_bare_call_shows_it():
+    exe = shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or shutil.which("gconv-rewrite")
+    env = dict(os.environ, COLUMNS="80")
+    for command in ([], ["rewrite"], ["inspect"], ["tune"], ["verify"]):
+        text = subprocess.run([exe, *command, "--help"], capture_output=True, text=True, env=env).stdout
+        assert "Usage:" in text and max(map(len, text.splitlines())) <= 80, command
+    bare = subprocess.run([exe], capture_output=True, text=True, env=env)
+    assert bare.returncode == 2 and bare.stderr.startswith("Usage:") and "error:" not in bare.stderr
