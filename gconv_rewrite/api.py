@@ -57,7 +57,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     plan_shapes = model_io.shapes_at(original, input_shapes) if input_shapes else None
     decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner, plan_shapes)
     result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
-                           tuning=tune_report)
+                           tuning=tune_report, warnings=[planner.warning] if planner.warning else [])
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
         reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original

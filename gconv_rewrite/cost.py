@@ -332,6 +332,8 @@ class Planner:
         self.block = runtime.nchwc_block() if provider == "cpu" else self.profile.block
         self.target = target_key(provider)
         cache = cache if cache is not None else TuneCache()
+        # A damaged cache must not silently turn measured picks into predicted ones.
+        self.warning = f"tune cache {cache.path} ignored: it is {cache.problem}" if cache.problem else ""
         self.measured = {key: entry["times_ms"] for key, entry in cache.entries.get(self.target, {}).items()}
 
     def plan(self, spec, available=FORMS) -> Prediction:

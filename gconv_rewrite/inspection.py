@@ -65,6 +65,7 @@ class InspectReport:
     findings: list[Finding] = field(default_factory=list)
     provider: str = "cpu"  # the target of the predictions
     cost_model: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. an unreadable tune cache
 
     def count(self, status: str) -> int:
         """Number of findings with `status` ("native", "emulated" or "skipped")."""
@@ -77,13 +78,17 @@ class InspectReport:
         wrong = sum("NOT a grouped conv" in f.computes for f in self.findings)
         if wrong:
             summary.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
+        summary += [textwrap.fill(f"warning: {w}", 80, initial_indent="  ", subsequent_indent="    ",
+                                  break_on_hyphens=False, break_long_words=False)
+                    for w in self.warnings]
         return [f.line() for f in self.findings] + summary + [
             textwrap.fill(f"cost model: {self.cost_model}", 80, subsequent_indent="  ")]
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/inspect-report, docs/reports.md)."""
         return {"schema": "gconv-rewrite/inspect-report", "version": 1, "provider": self.provider,
-                "cost_model": self.cost_model, "findings": [asdict(f) for f in self.findings]}
+                "cost_model": self.cost_model, "findings": [asdict(f) for f in self.findings],
+                "warnings": self.warnings}
 
 
 def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
@@ -103,7 +108,8 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     opset = default_opset(loaded)
     choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
     planner = Planner(choice.name, tuning.TuneCache(cache))
-    report = InspectReport(provider=choice.name, cost_model=planner.describe())
+    report = InspectReport(provider=choice.name, cost_model=planner.describe(),
+                           warnings=[planner.warning] if planner.warning else [])
 
     def visit(graph, outer, path):
         ix = GraphIndex(graph, shapes, opset, outer, path, loaded.ir_version)

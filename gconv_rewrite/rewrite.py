@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,6 +95,7 @@ class RewriteResult:
     provider: str = "cpu"  # the target the forms were chosen for
     planner: str = ""  # the cost model used, in words (calibrated or not, on which device)
     tuning: object | None = None  # tuning.TuneReport when tune_first
+    warnings: list[str] = field(default_factory=list)  # e.g. an unreadable tune cache
 
     @property
     def changed(self) -> bool:
@@ -135,6 +137,9 @@ class RewriteResult:
         wrong = sum("NOT a grouped conv" in d.computes for d in self.decisions)
         if wrong:
             lines.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
+        lines += [textwrap.fill(f"warning: {w}", 80, initial_indent="  ", subsequent_indent="    ",
+                              break_on_hyphens=False, break_long_words=False)
+                  for w in self.warnings]
         predicted = self.predicted_ms()
         if predicted and self.changed:
             b, a = predicted
@@ -167,6 +172,7 @@ class RewriteResult:
             "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "tuning": self.tuning.to_dict() if self.tuning is not None else None,
+            "warnings": self.warnings,
         }
 
 

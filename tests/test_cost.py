@@ -256,6 +256,10 @@ def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
     result = gr.rewrite(model, verify_result=False, provider="cpu", cache=str(foreign))
     assert all(d.prediction.basis != "measured" for d in result.decisions)
     assert foreign.read_text() == '{"schema": "something else"}'
+    # ... but not silently: every report says the measurements were not used
+    warning = f"tune cache {foreign} ignored: it is not a gconv-rewrite tune cache"
+    assert result.warnings == [warning] and warning in " ".join(" ".join(result.summary()).split())
+    assert gr.inspect(model, "cpu", cache=str(foreign)).warnings == [warning]
 
 
 def test_uncalibrated_geometries_keep_native_and_say_so():
