@@ -22,8 +22,8 @@ def fuse(model: str, out: str) -> gr.RewriteResult:
     """Survey, fuse every exact emulation, verify on this machine's provider, save."""
     survey = gr.inspect(model)
     emulated = [f for f in survey.findings if f.status == "emulated"]
-    print(f"{len(emulated)} emulated grouped conv(s); the emulation's intermediate costs "
-          f"{sum(f.intermediate_mb_per_image or 0 for f in emulated):.1f} MB per image")
+    extra_kib = sum(f.intermediate_mb_per_image or 0 for f in emulated) * 1024
+    print(f"{len(emulated)} emulated grouped conv(s); their intermediates cost {extra_kib:.0f} KiB per image")
     result = gr.rewrite(model, direction="fuse")
     if result.verification is not None and not result.verification.passed:
         raise gr.VerificationError("the fused model differs from the export")
@@ -37,3 +37,4 @@ if __name__ == "__main__":
     for d in result.decisions:
         print(d.line())
     print("\n".join(result.verification.lines()))
+    print(f"wrote {args[1] if len(args) > 1 else 'fused.onnx'}")

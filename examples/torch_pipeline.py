@@ -56,4 +56,8 @@ def main(out_dir: str = ".") -> None:
 
 
 if __name__ == "__main__":
+    try:
+        import torch  # noqa: F401 - only the export half needs it
+    except ImportError:
+        sys.exit("this example exports with PyTorch: pip install torch (optimise() itself needs no torch)")
     main(*sys.argv[1:])

@@ -118,7 +118,7 @@ def _announce_load(path, quiet: bool = False) -> None:
     except OSError:
         return
     if not quiet and size > 100 * 2**20 and sys.stderr.isatty():
-        _echo(f"loading {path} ({size / 2**20:.0f} MB) ...", err=True)
+        _echo(f"loading {path} ({size / 2**20:.0f} MiB) ...", err=True)
 
 
 def _progress(label, quiet: bool = False):

@@ -45,7 +45,7 @@ class Finding:
             parts.pop(0)  # a native grouped Conv: its geometry says it all
         if self.intermediate_mb_per_image is not None:
             verb = "uses" if self.status == "emulated" else "would use"
-            parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MB/image extra")
+            parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MiB per image extra")
         if self.reason:
             parts.append(self.reason)
         if self.prediction is not None and self.prediction.times_ms:

@@ -98,6 +98,9 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
         model.CopyFrom(src)
         had_external = uses_external_data(model)
         path = None
+        if had_external and weights:  # its locations are relative to a folder a ModelProto does not know
+            raise GconvError("the ModelProto's weights are in external data that is not loaded: pass the model's "
+                             "path, or load it with onnx.load(path) (load_external_data=True)")
     else:
         path = os.fspath(src)
         if not os.path.exists(path):

@@ -150,7 +150,7 @@ class RewriteResult:
             lines.append(f"grouped convs on {self.provider}: {b:.2f} ms -> {a:.2f} ms {label} ({b / a:.2f}x)")
         wb, wa = self.weight_bytes()
         if self.changed:
-            lines.append(f"weights: {wb / 2**20:.2f} MB -> {wa / 2**20:.2f} MB")
+            lines.append(f"weights: {wb / 2**20:.2f} MiB -> {wa / 2**20:.2f} MiB")
         return lines
 
     def save(self, path: str | os.PathLike) -> None:

@@ -156,7 +156,7 @@ def measure(probe: Probe, choice: runtime.ProviderChoice, forms=FORMS, rounds: i
             result.notes[form] = "no such form for this conv"
             continue
         if form == "dw" and probe.intermediate_bytes() > max_intermediate_bytes:
-            result.notes[form] = f"intermediate of {probe.intermediate_bytes() / 2**20:.0f} MB not built"
+            result.notes[form] = f"intermediate of {probe.intermediate_bytes() / 2**20:.0f} MiB not built"
             continue
         sess = runtime.session(models[form], choice, label=f"the {form} probe")
         run = runtime.Runner(sess, feed, choice)

@@ -284,3 +284,15 @@ def test_external_save_moves_constant_node_weights_too(tmp_path):
     assert (tmp_path / "c.onnx").stat().st_size < 2000
     x = np.random.default_rng(1).standard_normal((1, 64, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(run_ort(str(tmp_path / "c.onnx"), {"x": x})["y"], run_ort(model, {"x": x})["y"])
+
+
+def test_a_modelproto_without_its_external_data_is_refused_with_the_remedy(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(onnx.load(MODELS / "resnext_native.onnx"), path, save_as_external_data=True, location="m.bin",
+                    size_threshold=0)
+    header = onnx.load(path, load_external_data=False)
+    for call in (gr.inspect, gr.rewrite):
+        with pytest.raises(GconvError, match="external data that is not loaded: pass the model's path"):
+            call(header)
+    assert [f.status for f in gr.inspect(path).findings] == ["native", "native"]  # the path works
+    assert [f.status for f in gr.inspect(onnx.load(path)).findings] == ["native", "native"]  # so does a loaded proto
