@@ -352,3 +352,28 @@ def test_help_fits_80_columns_and_a_bare_call_shows_it():
         assert "Usage:" in text and max(map(len, text.splitlines())) <= 80, command
     bare = subprocess.run([exe], capture_output=True, text=True, env=env)
     assert bare.returncode == 2 and bare.stderr.startswith("Usage:") and "error:" not in bare.stderr
+
+
+def test_progress_bars_appear_on_a_terminal_only(tmp_path):
+    import pty
+    exe = shutil.which("gconv-rewrite", path=os.path.dirname(sys.executable)) or shutil.which("gconv-rewrite")
+    args = [exe, str(SAMPLE), "-o", str(tmp_path / "o.onnx"), "--provider", "cpu", "--rounds", "3", "--tune",
+            "--cache"]
+    piped = subprocess.run(args + [str(tmp_path / "c1.json")], capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and piped.stderr == "" and "[#" not in piped.stdout
+    main_fd, tty_fd = pty.openpty()
+    proc = subprocess.Popen(args + [str(tmp_path / "c2.json")], stdout=subprocess.PIPE, stderr=tty_fd)
+    os.close(tty_fd)
+    stdout, _ = proc.communicate(timeout=300)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # the terminal's other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main_fd)
+    assert proc.returncode == 0 and b"[#" not in stdout
+    assert b"tuning   [" in seen and b"timing   [####" in seen and b"] 3/3" in seen
