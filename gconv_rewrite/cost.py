@@ -65,10 +65,11 @@ class Prediction:
 
     def times_line(self) -> str:
         """"predicted ms: native 0.048, dw 0.106, ... -> native": the numbers behind the pick."""
-        shown = self.measured_ms or self.times_ms
-        times = ", ".join(f"{f} {shown[f]:.3f}" for f in FORMS if shown.get(f) is not None)
-        verb = "measured" if self.basis == "measured" else "predicted"
-        return f"{verb} ms: {times} -> {self.form}" + (" (uncalibrated)" if self.basis == "prior" else "")
+        def listed(times):
+            return ", ".join(f"{f} {times[f]:.3f}" for f in FORMS if times.get(f) is not None)
+        if self.measured_ms:  # the measurement decides; the prediction shows how far off the model was
+            return f"measured ms: {listed(self.measured_ms)} -> {self.form} (predicted: {listed(self.times_ms)})"
+        return f"predicted ms: {listed(self.times_ms)} -> {self.form}" + (" (uncalibrated)" if self.basis == "prior" else "")
 
 
 def features(p: Probe, block: int) -> list[float]:

@@ -204,6 +204,7 @@ def test_cli_tune_and_verbose_rewrite_through_the_console_script(tmp_path):
     out = subprocess.run(exe + [model, "-o", str(tmp_path / "o.onnx"), "--no-verify", "-v", "--provider", "cpu",
                                 "--cache", cache], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "measured ms: native" in out.stdout and "tuned on this machine" not in out.stderr
+    assert "(predicted: native" in out.stdout  # both numbers, as the report promises
 
 
 def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path):
