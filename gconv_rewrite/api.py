@@ -9,10 +9,11 @@ import numpy as np
 from . import model_io, runtime, tuning
 from .cost import Planner
 from .model_io import ModelSource
-from .rewrite import DIRECTIONS, Direction, Form, RewriteResult, rewrite_model
+from .errors import GconvError
+from .rewrite import DIRECTIONS, FORMS, Direction, Form, RewriteResult, rewrite_model
 from .inspection import InspectReport, inspect
 from .tuning import TuneEntry, TuneReport
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, check_arguments, verify
 
 __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
 
@@ -41,7 +42,10 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     changed. The other arguments are those of `verify`.
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+        raise GconvError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+    if form is not None and form not in FORMS:
+        raise GconvError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
+    check_arguments(rounds, tolerance)
     original, info = model_io.load(model)  # our own copy
     # Planning alone runs nothing: a CPU-only machine may plan for CUDA; verifying or tuning needs it here.
     choice = (runtime.choose_provider if verify_result or tune_first else runtime.target_provider)(provider)
@@ -67,6 +71,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
                                      progress=progress)
     if direction == "auto" and form is None and result.verification is not None:
         _never_regress(result, original)
+    if direction == "auto" and form is None and result.changed and (result.verification is None or not latency):
+        result.warnings.append("not timed (--no-verify or --no-latency): the never-regress guard did not run")
     return result
 
 
@@ -96,6 +102,7 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     `rewrite` then uses the measured times instead of the predictions. `input_shapes` gives
     symbolic input dims a size (name -> shape), so that symbolic-size convs can be measured.
     """
+    check_arguments(rounds, None)
     if _info is None:
         model, _info = model_io.load(model)
     choice = runtime.choose_provider(provider)

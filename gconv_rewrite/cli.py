@@ -88,6 +88,7 @@ def _verify_options(fn):
         click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                      help="onnxruntime provider (auto: CUDA if it really runs here, else CPU)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                     callback=lambda ctx, param, value: _parse_shapes(value),
                      help="Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
         click.option("--inputs", "input_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
                      metavar="FILE.npz", help="Input sample (arrays named after the graph inputs); repeatable."),
@@ -106,7 +107,7 @@ def _verify_options(fn):
 
 def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
     from .verify import load_inputs
-    return dict(provider=provider, input_shapes=_parse_shapes(input_shapes), seed=seed,
+    return dict(provider=provider, input_shapes=input_shapes, seed=seed,
                 inputs=load_inputs(list(input_files)) if input_files else None, tolerance=tolerance,
                 compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing", quiet))
 
@@ -162,6 +163,8 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
     is not faster beyond the noise."""
     if quiet and verbose:
         raise click.UsageError("-q and -v exclude each other")
+    if form is not None and direction != "auto":
+        raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
     _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
                             report_path, as_json, quiet, verbose, tune_first, cache))
 
@@ -172,7 +175,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
     if report_path:
-        check_writable(report_path)
+        _check_report_path(report_path, model, output)
     kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
     _announce_load(model, quiet or as_json)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
@@ -210,15 +213,22 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
             say(line)
     data = result.to_dict() | {"output": output}
     failed = report is not None and not report.passed and not force
-    data["written"] = not failed
-    if report_path:
-        _write_json(report_path, data)
-    if as_json:
-        _echo(json.dumps(data, indent=2, default=_jsonable))
+    data["written"] = False
+    try:
+        if not failed:
+            result.save(output)
+            data["written"] = True
+    except GconvError as exc:
+        data["error"] = str(exc)
+        raise
+    finally:  # the report says what really happened, including a failed save
+        if report_path:
+            _write_json(report_path, data)
+        if as_json:
+            _echo(json.dumps(data, indent=2, default=_jsonable))
     if failed:
         _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
         sys.exit(1)
-    result.save(output)
     if result.count("reverted"):
         say(f"wrote {output} (the input, unchanged: the rewrite was reverted)")
     else:
@@ -226,6 +236,16 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     if report is not None and not report.passed:  # --force: written, but a pipeline must still see the failure
         _echo(f"error: the rewritten model fails parity; {output} written anyway (--force)", err=True)
         sys.exit(1)
+
+
+def _check_report_path(report_path, *models) -> None:
+    """--report must not land on a model (the input, or OUT, which would then overwrite it)."""
+    for path in models:
+        same = os.path.abspath(report_path) == os.path.abspath(path) or (
+            os.path.exists(report_path) and os.path.exists(path) and os.path.samefile(report_path, path))
+        if same:
+            raise GconvError(f"--report {report_path} is also a model path; choose another file")
+    check_writable(report_path)
 
 
 def _jsonable(value):
@@ -251,13 +271,14 @@ def _write_json(path, data) -> None:
               help="The target whose predicted times are shown.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Tuning cache file (see `tune`).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                     callback=lambda ctx, param, value: _parse_shapes(value),
               help="Give symbolic input dims a size for the predictions (repeatable).")
 def inspect_cmd(model, as_json, provider, cache, input_shapes):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache, input_shapes=_parse_shapes(input_shapes)), as_json)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes), as_json)
     _guard(run)
 
 
@@ -271,6 +292,7 @@ def inspect_cmd(model, as_json, provider, cache, input_shapes):
 @click.option("--force", is_flag=True, help="Measure again geometries already in the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON only.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                     callback=lambda ctx, param, value: _parse_shapes(value),
               help="Give symbolic input dims a size, so that those convs can be measured (repeatable).")
 def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
     """Measure every grouped-conv geometry of MODEL in each exact form on this machine, and cache it.
@@ -279,7 +301,7 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
     def run():
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
-                               input_shapes=_parse_shapes(input_shapes), progress=_progress("tuning", as_json)), as_json)
+                               input_shapes=input_shapes, progress=_progress("tuning", as_json)), as_json)
     _guard(run)
 
 
@@ -306,7 +328,7 @@ def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_optio
     Exit 1 when an output differs beyond its tolerance."""
     def run():
         if report_path:
-            check_writable(report_path)
+            _check_report_path(report_path, reference, candidate)
         report = api.verify(reference, candidate, **_verify_kwargs(**verify_options, quiet=quiet or as_json))
         data = report.to_dict() | {"reference": reference, "candidate": candidate}
         if report_path:

@@ -140,7 +140,8 @@ class Profile:
         source = self.describe(current_device)
         basis = "calibrated" if self.calibrated and (current_device is None or current_device == self.device) else "prior"
         if p is None:
-            return Prediction("", {}, "native", "spatial size unknown (give it with --input-shape): no prediction, native kept", "prior",
+            return Prediction("", {}, "native",
+                              "spatial size unknown (give it with --input-shape): no prediction, so the native form", "prior",
                               "no static spatial size")
         if (p.dtype != "float32" or len(p.kernel) != 2) and self.points:
             times = roofline(p, self.provider)

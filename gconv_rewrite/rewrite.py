@@ -11,7 +11,7 @@ import dataclasses
 import os
 import textwrap
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
@@ -24,6 +24,10 @@ from .geometry import ConvSpec
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .lowering import (conv_node, dense_weights, expand_weights, fuse_weights, int64_tensor, reduce_sum_node,
                        split_weights, tensor)
+
+if TYPE_CHECKING:  # verify and tuning import this module's names; only the annotations need theirs
+    from .tuning import TuneReport
+    from .verify import VerifyReport
 
 Direction = Literal["auto", "expand", "fuse"]
 DIRECTIONS = ("auto", "expand", "fuse")
@@ -91,10 +95,10 @@ class RewriteResult:
     decisions: list[Decision]
     direction: str
     source: model_io.ModelInfo
-    verification: object | None = None  # verify.VerifyReport
+    verification: VerifyReport | None = None
     provider: str = "cpu"  # the target the forms were chosen for
     planner: str = ""  # the cost model used, in words (calibrated or not, on which device)
-    tuning: object | None = None  # tuning.TuneReport when tune_first
+    tuning: TuneReport | None = None  # when tune_first
     warnings: list[str] = field(default_factory=list)  # e.g. an unreadable tune cache
 
     @property
@@ -493,12 +497,12 @@ def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision
     conv_in = dw.input[0]
     if grouping.in_perm is not None:
         if _fold_input_permutation(ix, conv_in, grouping.in_perm, names, edit, dw):
-            decision.reason = "input permutation folded into the producing Conv"
+            decision.reason = "; ".join(filter(None, [decision.reason, "input permutation folded into the producing Conv"]))
         else:
             perm_name, conv_in = names(f"{base}.in_perm"), names(f"{base}.permuted_input")
             edit.initializers.append(int64_tensor(perm_name, grouping.in_perm))
             new.append(helper.make_node("Gather", [dw.input[0], perm_name], [conv_in], name=names(f"{base}/permute_in"), axis=1))
-            decision.reason = "input permutation applied with a Gather"
+            decision.reason = "; ".join(filter(None, [decision.reason, "input permutation applied with a Gather"]))
     needs_tail = grouping.out_order is not None or cmap.layout == "NLC"
     conv_out = names(f"{base}.out") if needs_tail else cand.output
     body, inits = _emit(form, ix, conv_in, weight, bias, grouping.group, dw, conv_out, base, names)

@@ -14,7 +14,7 @@ import math
 import os
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import onnx
@@ -198,6 +198,22 @@ def target_key(provider: runtime.ProviderChoice | str) -> str:
     return f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
 
 
+def _well_formed(targets) -> bool:
+    """Every entry a measurement this version can read: a damaged file is reported, never half-used."""
+    known = {f.name for f in fields(Measurement)}
+    for probes in targets.values():
+        if not isinstance(probes, dict):
+            return False
+        for entry in probes.values():
+            if (not isinstance(entry, dict) or not set(entry) <= known or "probe" not in entry
+                    or not isinstance(entry.get("times_ms"), dict)):
+                return False
+            times = entry["times_ms"].values()
+            if not all(v is None or isinstance(v, (int, float)) for v in times) or all(v is None for v in times):
+                return False
+    return True
+
+
 class TuneCache:
     """Measured times per (device, provider, onnxruntime version) and probe key, in one JSON file."""
 
@@ -218,7 +234,10 @@ class TuneCache:
         if not isinstance(data, dict) or "targets" not in data or not isinstance(data["targets"], dict):
             self.problem = "not a gconv-rewrite tune cache"
         elif data.get("version") == CACHE_VERSION:
-            self.entries = data["targets"]
+            if not _well_formed(data["targets"]):
+                self.problem = "not a gconv-rewrite tune cache (malformed entries)"
+            else:
+                self.entries = data["targets"]
         # another version: its entries are ignored and replaced
 
     def check_writable(self) -> None:

@@ -377,3 +377,41 @@ def test_progress_bars_appear_on_a_terminal_only(tmp_path):
     os.close(main_fd)
     assert proc.returncode == 0 and b"[#" not in stdout
     assert b"tuning   [" in seen and b"timing   [####" in seen and b"] 3/3" in seen
+
+
+def test_a_report_never_lands_on_a_model_and_says_whether_the_model_was_written(tmp_path):
+    model = tmp_path / "in.onnx"
+    shutil.copy(SAMPLE, model)
+    before = model.read_bytes()
+    for report in (model, tmp_path / "out.onnx"):
+        result = invoke(model, "-o", tmp_path / "out.onnx", "--report", report, "--no-verify")
+        assert result.exit_code == 2 and "is also a model path" in result.output
+    assert model.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+    clash = invoke("verify", model, SAMPLE, "--report", model)
+    assert clash.exit_code == 2 and model.read_bytes() == before
+
+
+def test_a_failed_save_is_in_the_report(tmp_path, monkeypatch):
+    """The save fails after the work (a full disk, say): the report records it, not "written": true."""
+    from gconv_rewrite import model_io
+    from gconv_rewrite.errors import GconvError
+
+    def full_disk(*args, **kwargs):
+        raise GconvError("out.onnx: cannot write (No space left on device)")
+    monkeypatch.setattr(model_io, "save", full_disk)
+    report = tmp_path / "r.json"
+    result = invoke(SAMPLE, "-o", tmp_path / "out.onnx", "--report", report, "--no-verify")
+    data = json.loads(report.read_text())
+    assert result.exit_code == 2 and data["written"] is False and "No space left" in data["error"]
+
+
+def test_form_and_an_explicit_direction_exclude_each_other(tmp_path):
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--form", "dw", "--direction", "fuse")
+    assert result.exit_code == 2 and "cannot be combined with --direction fuse" in result.output
+    bad_shape = invoke("inspect", SAMPLE, "--input-shape", "foo")
+    assert bad_shape.exit_code == 2 and "Invalid value for --input-shape" in bad_shape.output
+
+
+def test_auto_without_timing_says_the_guard_did_not_run(tmp_path):
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--no-latency")
+    assert result.exit_code == 0 and "the never-regress guard did not run" in " ".join(result.output.split())

@@ -261,6 +261,20 @@ def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
     warning = f"tune cache {foreign} ignored: it is not a gconv-rewrite tune cache"
     assert result.warnings == [warning] and warning in " ".join(" ".join(result.summary()).split())
     assert gr.inspect(model, "cpu", cache=str(foreign)).warnings == [warning]
+    # a file of the right version whose entries are damaged: also a warning, not a KeyError
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({"version": tuning.CACHE_VERSION, "targets": {"t": {"p": {"bad": 1}}}}))
+    assert "malformed entries" in gr.inspect(model, "cpu", cache=str(damaged)).warnings[0]
+
+
+def test_the_api_refuses_meaningless_arguments_as_gconv_errors():
+    model = str(MODELS / "resnext_native.onnx")
+    for kwargs, message in ((dict(rounds=0), "rounds must be at least 3"), (dict(tolerance=-1.0), "tolerance must be"),
+                            (dict(form="foo"), "form must be one of"), (dict(direction="sideways"), "direction must")):
+        with pytest.raises(gr.GconvError, match=message):
+            gr.rewrite(model, **kwargs)
+    with pytest.raises(gr.GconvError, match="rounds must be at least 3"):
+        gr.tune(model, rounds=0)
 
 
 def test_uncalibrated_geometries_keep_native_and_say_so():
