@@ -56,7 +56,10 @@ class Finding:
             parts.append(self.prediction.why)
         indent = " " * 6
         body = [textwrap.fill(part, 80, initial_indent=indent, subsequent_indent=indent + "  ") for part in parts]
-        text = "\n".join([f"{self.status:<9} {self.node}{where}"] + body)
+        head = f"{self.node}{where}"
+        if len(head) > 70:  # node names have no spaces to wrap at: keep the informative tail
+            head = "..." + head[-67:]
+        text = "\n".join([f"{self.status:<9} {head}"] + body)
         return text
 
 

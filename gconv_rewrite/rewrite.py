@@ -135,7 +135,7 @@ class RewriteResult:
         lines = [f"{len(self.decisions)} candidate(s): {counts}"]
         skipped = sorted({d.reason for d in self.decisions if d.action == "skipped"})
         for reason in skipped[:3]:
-            lines.append(f"  skipped: {reason}")
+            lines.append(textwrap.fill(f"skipped: {reason}", 80, initial_indent="  ", subsequent_indent="    "))
         if len(skipped) > 3:
             lines.append(f"  ... {len(skipped) - 3} other skip reason(s); see the lines above")
         wrong = sum("NOT a grouped conv" in d.computes for d in self.decisions)
