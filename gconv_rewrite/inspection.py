@@ -12,6 +12,7 @@ from .cost import Planner, Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
 from .geometry import ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
+from .wording import tail, warning_lines
 
 
 @dataclass
@@ -56,10 +57,7 @@ class Finding:
             parts.append(self.prediction.why)
         indent = " " * 6
         body = [textwrap.fill(part, 80, initial_indent=indent, subsequent_indent=indent + "  ") for part in parts]
-        head = f"{self.node}{where}"
-        if len(head) > 70:  # node names have no spaces to wrap at: keep the informative tail
-            head = "..." + head[-67:]
-        text = "\n".join([f"{self.status:<9} {head}"] + body)
+        text = "\n".join([f"{self.status:<9} {tail(self.node + where, 70)}"] + body)
         return text
 
 
@@ -78,12 +76,7 @@ class InspectReport:
         """The terminal report: every finding, then a summary."""
         summary = [f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
                    f"{self.count('emulated')} emulated, {self.count('skipped')} skipped"]
-        wrong = sum("NOT a grouped conv" in f.computes for f in self.findings)
-        if wrong:
-            summary.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
-        summary += [textwrap.fill(f"warning: {w}", 80, initial_indent="  ", subsequent_indent="    ",
-                                  break_on_hyphens=False, break_long_words=False)
-                    for w in self.warnings]
+        summary += warning_lines((f.computes for f in self.findings), self.warnings)
         return [f.line() for f in self.findings] + summary + [
             textwrap.fill(f"cost model: {self.cost_model}", 80, subsequent_indent="  ")]
 

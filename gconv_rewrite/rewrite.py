@@ -24,6 +24,7 @@ from .geometry import ConvSpec
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .lowering import (conv_node, dense_weights, expand_weights, fuse_weights, int64_tensor, reduce_sum_node,
                        split_weights, tensor)
+from .wording import tail, warning_lines
 
 if TYPE_CHECKING:  # verify and tuning import this module's names; only the annotations need theirs
     from .tuning import TuneReport
@@ -60,8 +61,7 @@ class Decision:
     def row(self) -> str:
         """One row of the 80-column table: action, node, form afterwards, predicted (or tuned) ms."""
         node = self.node if self.graph == "main" else f"{self.node} [{self.graph}]"
-        if len(node) > 34:
-            node = "..." + node[-31:]
+        node = tail(node, 34)
         times = ""
         p = self.prediction
         if p is not None and self.form is not None:
@@ -138,12 +138,7 @@ class RewriteResult:
             lines.append(textwrap.fill(f"skipped: {reason}", 80, initial_indent="  ", subsequent_indent="    "))
         if len(skipped) > 3:
             lines.append(f"  ... {len(skipped) - 3} other skip reason(s); see the lines above")
-        wrong = sum("NOT a grouped conv" in d.computes for d in self.decisions)
-        if wrong:
-            lines.append(f"  warning: {wrong} emulation(s) sum over the multiplier axis: NOT grouped convs")
-        lines += [textwrap.fill(f"warning: {w}", 80, initial_indent="  ", subsequent_indent="    ",
-                              break_on_hyphens=False, break_long_words=False)
-                  for w in self.warnings]
+        lines += warning_lines((d.computes for d in self.decisions), self.warnings)
         predicted = self.predicted_ms()
         if predicted and self.changed:
             b, a = predicted

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
 from .geometry import ConvSpec, conv_output_dims
+from .wording import tail
 
 FORMS = ("native", "dw", "split", "dense")
 CACHE_VERSION = 1
@@ -327,9 +328,7 @@ class TuneEntry:
         where = self.nodes[0] + (f" (+{len(self.nodes) - 1} more)" if len(self.nodes) > 1 else "")
         native = self.times_ms.get("native")
         gain = f" ({native / self.times_ms[self.best]:.2f}x native)" if native and self.best != "native" else ""
-        if len(where) > 70:  # node names have no spaces to wrap at: keep the informative tail
-            where = "..." + where[-67:]
-        head = where + (" [cached]" if self.cached else "")
+        head = tail(where, 70) + (" [cached]" if self.cached else "")
         return head + "\n" + textwrap.fill(f"measured ms: {times} -> {self.best}{gain}", 80, initial_indent="    ",
                                            subsequent_indent="      ")
 
