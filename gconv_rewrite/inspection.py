@@ -77,8 +77,30 @@ class InspectReport:
         summary = [f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
                    f"{self.count('emulated')} emulated, {self.count('skipped')} skipped"]
         summary += warning_lines((f.computes for f in self.findings), self.warnings)
-        return [f.line() for f in self.findings] + summary + [
+        return self.table() + [f.line() for f in self.findings] + summary + [
             textwrap.fill(f"cost model: {self.cost_model}", 80, subsequent_indent="  ")]
+
+    def table(self) -> list[str]:
+        """One 80-column row per finding (status, node, G, Cig x Cog, kernel, stride, the pick), then a rule."""
+        if not self.findings:
+            return []
+        rows = [f"{'status':<9} {'node':<30} {'G':>3} {'CigxCog':>7} {'k':>5} {'s':>4} {'pick (ms)':>15}"]
+        for f in self.findings:
+            geometry = pick = ""
+            if f.spec is not None:
+                s = f.spec
+                geometry = (f"{s.group:>3} {f'{s.cig}x{s.cog}':>7} {'x'.join(map(str, s.kernel)):>5} "
+                            f"{'x'.join(map(str, s.strides)):>4}")
+            p = f.prediction
+            if p is not None and p.times_ms:
+                times = p.measured_ms or p.times_ms
+                pick = f"{p.form} {times[p.form]:.3f}{'*' if p.measured_ms else ''}" if times.get(p.form) else p.form
+            elif "NOT a grouped conv" in f.computes:
+                pick = "NOT grouped"
+            rows.append(f"{f.status:<9} {tail(f.node, 30):<30} {geometry:<22} {pick:>15}".rstrip())
+        if any(f.prediction is not None and f.prediction.measured_ms for f in self.findings):
+            rows.append("(* measured by tune; other times predicted by the cost model)")
+        return rows + ["-" * 79]
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/inspect-report, docs/reports.md)."""

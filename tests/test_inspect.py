@@ -33,7 +33,7 @@ def test_inspect_writes_nothing_and_prints_json(tmp_path):
     src.write_bytes((MODELS / "resnext_emulated_tf.onnx").read_bytes())
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(main, ["inspect", str(src)])
-    assert result.exit_code == 0 and result.output.count("emulated ") == 2
+    assert result.exit_code == 0 and result.output.count("emulated ") == 4  # a table row and a block each
     assert "2 candidate(s): 0 native grouped, 2 emulated, 0 skipped" in result.output
     # The whole geometry, spatial sizes in (after the folded Pad) and out included.
     assert "Cin=64 Cout=64 G=8 (Cig=8, Cog=8) k=3x3 s=2x2, 30x30 -> 14x14" in result.output
@@ -45,3 +45,17 @@ def test_inspect_writes_nothing_and_prints_json(tmp_path):
     assert (spec["c_in"], spec["c_out"], spec["group"]) == (64, 64, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert onnx.load(src).SerializeToString() == (MODELS / "resnext_emulated_tf.onnx").read_bytes()
+
+
+def test_inspect_opens_with_one_row_per_finding():
+    report = gr.inspect(MODELS / "resnext_wrong_emulation.onnx", "cpu")
+    table = report.table()
+    assert table[0].split() == ["status", "node", "G", "CigxCog", "k", "s", "pick", "(ms)"]
+    assert len(table) == 2 + len(report.findings) and table[-1] == "-" * 79
+    assert all(row.startswith("emulated") and row.endswith("NOT grouped") for row in table[1:-1])
+    native = gr.inspect(MODELS / "resnext_native.onnx", "cpu")
+    rows = native.table()[1:-1]
+    assert [row.split()[2:6] for row in rows] == [["8", "8x8", "3x3", "2x2"], ["8", "8x8", "3x3", "1x1"]]
+    assert all(row.split()[-2] == "native" and float(row.split()[-1].rstrip("*")) > 0 for row in rows)
+    assert native.lines()[: len(native.table())] == native.table()
+    assert max(map(len, native.lines()[0].splitlines())) <= 80
