@@ -45,10 +45,19 @@ def test_compare_all_names_the_first_diverging_node(resnext50_pair):
 
 
 def test_a_against_itself_is_within_noise():
+    """A ~95% interval misjudges identical models about one run in twenty by design, and shared
+    machines add drift: so up to three independent runs, of which one must say "within noise"
+    (all three wrong by chance: ~1e-4), and none may be off by more than 15%."""
     model = resnext_block_model("native", num_blocks=2, image=28, batch=1)
-    report = gr.verify(model, model, "cpu", rounds=30)
-    lat = report.latency
-    assert report.passed and lat.verdict == "within noise", report.lines()
+    verdicts = []
+    for _ in range(3):
+        report = gr.verify(model, model, "cpu", rounds=30)
+        lat = report.latency
+        assert report.passed and 0.85 < lat.ratio < 1.15, report.lines()
+        verdicts.append(lat.verdict)
+        if lat.verdict == "within noise":
+            break
+    assert verdicts[-1] == "within noise", verdicts
     assert abs(lat.ratio - 1) <= max(lat.noise, 0.03)
     assert lat.settings["intra_op_spinning"] is False and lat.runs_per_round >= 1
 
