@@ -181,22 +181,28 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     return infos
 
 
+def check_input_shapes(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    """--input-shape must name graph inputs (not initializers) and give each its rank."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in initializers}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise GconvError(f"--input-shape names unknown input '{name}' (inputs: {', '.join(inputs)})")
+        tt = inputs[name].type.tensor_type
+        if inputs[name].type.HasField("tensor_type") and len(dims) != len(tt.shape.dim):
+            raise GconvError(f"--input-shape {name}: rank {len(dims)}, but the input has rank {len(tt.shape.dim)}")
+
+
 def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
     """The model's value shapes when its graph inputs have `input_shapes` (--input-shape): what the
     cost model plans with where the model's own spatial dims are symbolic. The model is not changed."""
     from .graph import skeleton, value_infos
 
+    check_input_shapes(model, input_shapes)
     skel = skeleton(model)
     inputs = {vi.name: vi for vi in skel.graph.input}
     for name, dims in input_shapes.items():
-        vi = inputs.get(name)
-        if vi is None or name in {t.name for t in model.graph.initializer}:
-            raise GconvError(f"--input-shape names unknown input '{name}' (inputs: "
-                             f"{', '.join(i.name for i in model.graph.input)})")
-        shape = vi.type.tensor_type.shape
-        if len(dims) != len(shape.dim):
-            raise GconvError(f"--input-shape {name}: rank {len(dims)}, but the input has rank {len(shape.dim)}")
-        for axis, (d, size) in enumerate(zip(shape.dim, dims)):
+        for axis, (d, size) in enumerate(zip(inputs[name].type.tensor_type.shape.dim, dims)):
             if d.HasField("dim_value") and d.dim_value != size:
                 raise GconvError(f"--input-shape {name}: dim {axis} is {size}, but the model fixes it to {d.dim_value}")
             d.Clear()

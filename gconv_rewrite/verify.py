@@ -449,9 +449,7 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
     """
     rng = np.random.default_rng(seed)
     inputs = graph_inputs(model)
-    unknown = [n for n in shapes if n not in {i.name for i in inputs}]
-    if unknown:
-        raise GconvError(f"--input-shape names unknown input '{unknown[0]}' (inputs: {', '.join(i.name for i in inputs)})")
+    model_io.check_input_shapes(model, shapes)
     feed = {}
     for vi in inputs:
         if not vi.type.HasField("tensor_type"):
@@ -460,8 +458,6 @@ def generate_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed:
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if vi.name in shapes:
             dims = list(shapes[vi.name])
-            if len(dims) != len(tt.shape.dim):
-                raise GconvError(f"--input-shape {vi.name}: rank {len(dims)}, but the input has rank {len(tt.shape.dim)}")
         else:
             dims = []
             for axis, d in enumerate(tt.shape.dim):

@@ -169,6 +169,9 @@ def test_unresolved_symbolic_dims_name_the_dims(tmp_path):
     assert ok.exit_code == 0, ok.output
     bad = invoke(model, "-o", tmp_path / "o.onnx", "--input-shape", "nope:2x8x8x32")
     assert bad.exit_code == 2 and "unknown input 'nope'" in bad.output
+    for command in (["inspect", model], ["verify", model, model]):  # planning and input generation: one check
+        rank = invoke(*command, "--input-shape", "input:2x8x8")
+        assert rank.exit_code == 2 and "--input-shape input: rank 3, but the input has rank 4" in rank.output
     clash = invoke("inspect", model, "--input-shape", "input:2x8x8x16")
     assert clash.exit_code == 2 and "dim 3 is 16, but the model fixes it to 32" in clash.output
 
