@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import sys
@@ -81,8 +82,32 @@ def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
     return probes
 
 
+def machine_path(csv_path: str) -> str:
+    """The measurements' machine record beside the CSV (x.csv -> x.machine.json)."""
+    return os.path.splitext(csv_path)[0] + ".machine.json"
+
+
+def write_machine(csv_path: str, choice) -> None:
+    """Record which machine measured the CSV: a refit elsewhere must describe that machine, not the host."""
+    block = runtime.nchwc_block() if choice.name == "cpu" else 8  # the NCHWc flag is a CPU notion; inert on CUDA
+    with open(machine_path(csv_path), "w") as f:
+        json.dump({"device": runtime.device_name(choice), "block": block, "ort_version": runtime.ort_version()}, f,
+                  indent=1)
+        f.write("\n")
+
+
+def read_machine(csv_path: str) -> dict:
+    """The machine that measured the CSV; refuses to guess when the record is missing."""
+    try:
+        with open(machine_path(csv_path)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"calibrate.py: cannot read {machine_path(csv_path)} ({e}): which machine measured {csv_path}?")
+
+
 def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False, provider: str = "cpu") -> None:
     choice = runtime.choose_provider(provider)
+    write_machine(path, choice)
     with open(path, "a" if append else "w", newline="") as f:
         out = csv.writer(f)
         if not append:
@@ -124,10 +149,9 @@ def main() -> None:
         measure_all(args.csv, probes, args.rounds, args.append, args.provider)
     from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
     rows = cost.read_measurements(args.csv)
-    choice = runtime.choose_provider(args.provider)
-    block = runtime.nchwc_block() if args.provider == "cpu" else 8  # the NCHWc flag is a CPU notion; inert on CUDA
-    profile = cost.fit(rows, provider=args.provider, device=runtime.device_name(choice), ort_version=runtime.ort_version(),
-                       block=block, source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
+    machine = read_machine(args.csv)  # the machine that measured, never the host that refits
+    profile = cost.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
+                       block=machine["block"], source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
     profile.save(args.profile)
     print(f"fitted on {len(rows)} geometries -> {args.profile}")
     print(profile.describe())

@@ -332,7 +332,8 @@ class Planner:
         self.provider = provider
         self.profile = profile or load_profile(provider)
         self.device = runtime.device_name(provider)
-        self.block = runtime.nchwc_block() if provider == "cpu" else self.profile.block
+        # The kernel-path flag is in the profile's coordinates: its machine's NCHWc block, never the host's.
+        self.block = self.profile.block
         self.target = target_key(provider)
         cache = cache if cache is not None else TuneCache()
         # A damaged cache must not silently turn measured picks into predicted ones.

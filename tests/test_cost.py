@@ -217,8 +217,11 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
     refit = cost.Profile.from_dict(json.loads(out.read_text()))
     shipped = cost.load_profile("cpu")
     assert refit.points == shipped.points and refit.native.keys() == shipped.native.keys()
-    for path in shipped.native:
-        assert refit.native[path] == pytest.approx(shipped.native[path])
+    assert (refit.device, refit.block, refit.ort_version) == (shipped.device, shipped.block, shipped.ort_version)
+    # Coefficients of collinear terms (Cig == Cog on most rows) differ between BLAS builds at 1e-5; the
+    # predictions they make do not: compare what the profile is used for, on every measured geometry.
+    for p, _ in cost.read_measurements(str(ROOT / "benchmarks" / "data" / "cpu_calibration.csv")):
+        assert refit.native_ms(p) == pytest.approx(shipped.native_ms(p), rel=1e-9)
 
 
 def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurements():
