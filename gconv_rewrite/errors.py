@@ -1,4 +1,9 @@
-"""Errors the tool reports to users as one line (exit code 2), never as a traceback."""
+"""The errors the tool reports, by whose fault they are.
+
+GconvError: the user's input or environment (one line, exit 2). VerificationError: the rewrite
+failed parity (exit 1). InternalError: the tool itself went wrong (a bug: exit 3, with the
+version and how to report it); any other exception reaching the CLI is treated the same way.
+"""
 
 
 class GconvError(Exception):
@@ -11,3 +16,9 @@ class VerificationError(GconvError):
     """The rewritten model failed numeric parity with the original."""
 
     exit_code = 1
+
+
+class InternalError(Exception):
+    """The tool produced something wrong (e.g. a rewritten model onnxruntime cannot load): a bug, not bad input."""
+
+    exit_code = 3
