@@ -1,126 +1,46 @@
 """Calibrate the CPU cost model: measure every exact form on a grid of conv geometries, then fit.
 
-    python benchmarks/calibrate.py                 # measure (~10 min on 2 cores), fit, write the profile
+    python benchmarks/calibrate.py                 # measure (~20 min on 2 cores), fit, write the profile
     python benchmarks/calibrate.py --fit-only      # fit again from benchmarks/data/cpu_calibration.csv
     python benchmarks/calibrate.py --quick         # 80 geometries, for trying the script
 
 The grid is random (seeded) over C_in 32..1024, Cig 2..64 (multiples of the NCHWc block and
 not), Cog = Cig, Cig/2, 2 Cig or 1, spatial 7..112, kernel 1/3/5, stride 1/2, batch 1/8; it never
 contains a geometry of the held-out set (benchmarks/cost_accuracy.py). A second, model-like
-grid (see model_like_grid) adds 120 ResNeXt/RegNet-shaped 3x3 layers. Each geometry: all four
-forms, rotated round by round, after waiting for a quiet machine. The fitted profile goes to
-gconv_rewrite/profiles/cpu.json, which ships with the package.
+grid adds 120 ResNeXt/RegNet-shaped 3x3 layers. Each geometry: all four forms, rotated round by
+round, after waiting for a quiet machine. Grid, measuring and fitting are those of
+`gconv-rewrite calibrate` (gconv_rewrite/calibration.py); this script only chooses the bigger
+grid, the held-out exclusion and the files. The fitted profile ships with the package.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import random
 import sys
 import time
 
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import calibration, runtime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = os.path.join(HERE, "..", "gconv_rewrite", "profiles")
-FORMS = tuning.FORMS
 
 
-def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
-    """`count` distinct calibration geometries, none of them held out."""
+def held_out_keys() -> set[str]:
+    """Keys of the held-out geometries, which no calibration grid may contain."""
     from cost_accuracy import held_out
 
-    excluded = {p.key() for _, p in held_out()}
-    rng = random.Random(seed)
-    probes, seen = [], set(excluded)
-    while len(probes) < count:
-        c_in = rng.choice([32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
-        cig = rng.choice([2, 4, 8, 12, 16, 24, 32, 40, 64])
-        if c_in % cig or not 1 < c_in // cig < c_in:
-            continue
-        g = c_in // cig
-        cog = rng.choices([cig, max(1, cig // 2), 2 * cig, 1], weights=[5, 1, 1, 1])[0]
-        k = rng.choice([1, 3, 3, 5])
-        stride = rng.choice([1, 1, 2])
-        size = rng.choice([7, 14, 28, 56, 112])
-        batch = rng.choice([1, 1, 8])
-        elements = c_in * size * size
-        if not 20_000 <= elements <= 1_700_000 or batch * g * cog * cig * k * k * size * size / stride**2 > 4e9:
-            continue  # outside what ResNeXt-like layers look like, or a native conv over 4 GMAC
-        p = tuning.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
-                         "float32", batch)
-        if p.key() not in seen:
-            seen.add(p.key())
-            probes.append(p)
-    return probes
+    return {p.key() for _, p in held_out()}
 
 
-def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
-    """`count` geometries shaped like ResNeXt/RegNet 3x3 layers (any multiple-of-8 width, group width
-    8..64, batch 1/8, stride 1/2); added after the first held-out evaluation found split winning at
-    batch 8 / stride 2 on few wide groups, where the wide grid had almost no points. None held out."""
-    from cost_accuracy import held_out
-
-    rng = random.Random(seed)
-    seen = {p.key() for _, p in held_out()} | {p.key() for p in grid(420)}
-    probes = []
-    while len(probes) < count:
-        cig = rng.choice([8, 16, 24, 32, 48, 64])
-        g = rng.randint(2, 40)
-        size = rng.choice([14, 28, 56])
-        if not 20_000 <= g * cig * size * size <= 1_700_000:
-            continue
-        stride = rng.choice([1, 2])
-        p = tuning.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
-                         (1, 1, 1, 1), "NOTSET", "float32", rng.choice([1, 8]))
-        if p.key() not in seen:
-            seen.add(p.key())
-            probes.append(p)
-    return probes
+def grid(count: int, seed: int = 0):
+    """`count` distinct calibration geometries of the wide grid, none of them held out."""
+    return calibration.grid(count, seed, exclude=held_out_keys())
 
 
-def machine_path(csv_path: str) -> str:
-    """The measurements' machine record beside the CSV (x.csv -> x.machine.json)."""
-    return os.path.splitext(csv_path)[0] + ".machine.json"
-
-
-def write_machine(csv_path: str, choice) -> None:
-    """Record which machine measured the CSV: a refit elsewhere must describe that machine, not the host."""
-    block = runtime.nchwc_block() if choice.name == "cpu" else 8  # the NCHWc flag is a CPU notion; inert on CUDA
-    with open(machine_path(csv_path), "w") as f:
-        json.dump({"device": runtime.device_name(choice), "block": block, "ort_version": runtime.ort_version()}, f,
-                  indent=1)
-        f.write("\n")
-
-
-def read_machine(csv_path: str) -> dict:
-    """The machine that measured the CSV; refuses to guess when the record is missing."""
-    try:
-        with open(machine_path(csv_path)) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"calibrate.py: cannot read {machine_path(csv_path)} ({e}): which machine measured {csv_path}?")
-
-
-def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False, provider: str = "cpu") -> None:
-    choice = runtime.choose_provider(provider)
-    write_machine(path, choice)
-    with open(path, "a" if append else "w", newline="") as f:
-        out = csv.writer(f)
-        if not append:
-            out.writerow(["probe"] + [f"t_{form}_ms" for form in FORMS] + ["background_cores", "notes"])
-        start = time.time()
-        for i, probe in enumerate(probes):
-            load = tuning.wait_for_quiet()
-            m = tuning.measure(probe, choice, rounds=rounds)
-            notes = "; ".join(f"{k}: {v}" for k, v in m.notes.items())
-            out.writerow([probe.key()] + ["nan" if m.times_ms[form] is None else f"{m.times_ms[form]:.5f}" for form in FORMS]
-                         + [f"{load:.2f}", notes])
-            f.flush()
-            print(f"[{i + 1}/{len(probes)} {time.time() - start:.0f}s] {probe.key()}: best {m.best()}", file=sys.stderr)
+def model_like_grid(count: int, seed: int = 1):
+    """`count` ResNeXt/RegNet-shaped geometries, none held out nor in the wide grid."""
+    return calibration.model_like_grid(count, seed, exclude=held_out_keys() | {p.key() for p in grid(420)})
 
 
 def main() -> None:
@@ -129,9 +49,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--count", type=int, default=420, help="geometries of the wide grid")
     parser.add_argument("--model-like", type=int, default=120, help="geometries of the model-like grid")
-    parser.add_argument("--part", choices=["all", "wide", "model-like"], default="all",
-                        help="measure one grid only (with --append: add its rows to the CSV)")
-    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--part", choices=["all", "wide", "model-like"], default="all", help="measure one grid only")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the CSV (it resumes anyway)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: calibrate onnxruntime's CUDA provider (data/cuda_calibration.csv, profiles/cuda.json)")
@@ -146,14 +65,17 @@ def main() -> None:
             probes += grid(60 if args.quick else args.count)
         if args.part in ("all", "model-like"):
             probes += model_like_grid(20 if args.quick else args.model_like)
-        measure_all(args.csv, probes, args.rounds, args.append, args.provider)
-    from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
-    rows = cost.read_measurements(args.csv)
-    machine = read_machine(args.csv)  # the machine that measured, never the host that refits
-    profile = cost.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
-                       block=machine["block"], source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
+        if not args.append and os.path.exists(args.csv):
+            os.unlink(args.csv)
+        start = time.time()
+        calibration.measure_into(args.csv, probes, runtime.choose_provider(args.provider), args.rounds,
+                                 log=lambda line: print(f"{time.time() - start:.0f}s {line}", file=sys.stderr))
+    try:  # the machine that measured, never the host that refits
+        profile = calibration.fit_csv(args.csv, args.provider, source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
+    except ValueError as exc:
+        sys.exit(f"calibrate.py: {exc}")
     profile.save(args.profile)
-    print(f"fitted on {len(rows)} geometries -> {args.profile}")
+    print(f"fitted on {len(profile.points)} geometries -> {args.profile}")
     print(profile.describe())
 
 

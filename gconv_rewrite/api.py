@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Sequence
 
 import numpy as np
 
-from . import model_io, runtime, tuning
+from . import basis, model_io, runtime, tuning
 from .cost import Planner
 from .model_io import ModelSource
 from .errors import GconvError
@@ -17,12 +19,17 @@ from .verify import VerifyReport, check_arguments, verify
 
 __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
 
+# The default command on a device without its own calibration measures the model's geometries first, for at
+# most this long (ResNeXt-50's 7 geometries take 5-10 s on 2 cores); geometries left over keep the profile's picks.
+AUTO_TUNE_BUDGET_S = 12.0
+
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | None = None, verify_result: bool = True,
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
             tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
-            cache: str | None = None, progress=None, tune_progress=None) -> RewriteResult:
+            cache: str | None = None, progress=None, tune_progress=None, auto_tune: bool | None = None,
+            profile: str | None = None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
@@ -35,6 +42,10 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     plans for CUDA even where it does not run); auto mode plans for it with
     its cost profile, and measured times from the tune cache (`cache`, default: the user's
     cache directory) override predictions. tune_first: run `tune` on this model first.
+    auto_tune (default: on unless $GCONV_REWRITE_AUTOTUNE=0): in auto mode with verification, on a
+    device the cost model was not calibrated on, tune this model's geometries first, within
+    AUTO_TUNE_BUDGET_S (cached: once per device). profile: the cost profile to plan with (a shipped
+    profile's name or a file; default: this device's calibration, else the closest machine class).
     input_shapes: concrete shapes of inputs with symbolic dims (name -> shape), used to plan
     (the written graph keeps its symbolic dims) and to generate verification inputs.
     verify_result: prove the rewrite with onnxruntime on `provider` (`result.verification`):
@@ -49,11 +60,20 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     original, info = model_io.load(model)  # our own copy
     # Planning alone runs nothing: a CPU-only machine may plan for CUDA; verifying or tuning needs it here.
     choice = (runtime.choose_provider if verify_result or tune_first else runtime.target_provider)(provider)
+    chosen = basis.select(choice.name, named=profile)
+    warnings = list(chosen.warnings)
     tune_report = None
-    if tune_first:
-        tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
-                           _info=info)
-    planner = Planner(choice.name, tuning.TuneCache(cache))
+    if tune_first or _tunes_first(auto_tune, chosen, verify_result, direction, form):
+        try:
+            tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
+                               budget_s=None if tune_first else AUTO_TUNE_BUDGET_S, profile=profile, _info=info)
+        except GconvError as exc:
+            if tune_first:
+                raise
+            warnings.append(f"not tuned first ({exc}): picks rest on the cost profile")
+        else:
+            tune_report.why = "asked with --tune" if tune_first else "this device is not calibrated (--no-tune skips)"
+    planner = Planner(choice.name, tuning.TuneCache(cache), profile=chosen.profile)
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
@@ -61,7 +81,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     plan_shapes = model_io.shapes_at(original, input_shapes) if input_shapes else None
     decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner, plan_shapes)
     result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
-                           tuning=tune_report, warnings=[planner.warning] if planner.warning else [])
+                           tuning=tune_report, warnings=warnings + ([planner.warning] if planner.warning else []))
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
         reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
@@ -74,6 +94,14 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if direction == "auto" and form is None and result.changed and (result.verification is None or not latency):
         result.warnings.append("not timed (--no-verify or --no-latency): the never-regress guard did not run")
     return result
+
+
+def _tunes_first(auto_tune: bool | None, chosen: basis.Basis, verify_result: bool, direction: str, form) -> bool:
+    """The default command measures before planning where nothing calibrated this device: verification runs the
+    provider here anyway, and a profile of another machine picks within 5% of the best far less often."""
+    if auto_tune is None:
+        auto_tune = os.environ.get("GCONV_REWRITE_AUTOTUNE", "1") != "0"
+    return auto_tune and verify_result and direction == "auto" and form is None and not chosen.this_device
 
 
 def _never_regress(result: RewriteResult, original) -> None:
@@ -92,7 +120,8 @@ def _never_regress(result: RewriteResult, original) -> None:
 
 
 def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: str | None = None, force: bool = False,
-         input_shapes: dict[str, tuple[int, ...]] | None = None, progress=None, _info=None) -> TuneReport:
+         input_shapes: dict[str, tuple[int, ...]] | None = None, progress=None, budget_s: float | None = None,
+         profile: str | None = None, _info=None) -> TuneReport:
     """Measure every distinct grouped-conv geometry of `model` in each exact form on `provider`.
 
     Each geometry becomes a single-conv model per form, timed like verification does (own
@@ -101,8 +130,11 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     directory, see tuning.cache_path); cached geometries are not measured again unless `force`.
     `rewrite` then uses the measured times instead of the predictions. `input_shapes` gives
     symbolic input dims a size (name -> shape), so that symbolic-size convs can be measured.
+    budget_s: start no new measurement after this many seconds; the geometries with the most predicted
+    time go first, the rest are listed in the report (`over_budget`) and keep their predictions.
     """
     check_arguments(rounds, None)
+    start = time.monotonic()
     if _info is None:
         model, _info = model_io.load(model)
     choice = runtime.choose_provider(provider)
@@ -111,7 +143,9 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     target = tuning.target_key(choice)
     report = TuneReport(target, store.path)
     groups: dict[str, tuple[tuning.Probe, list[str]]] = {}
-    for finding in inspect(model, provider=choice.name, input_shapes=input_shapes, _info=_info).findings:
+    weight: dict[str, float] = {}  # predicted time of each geometry in the model: what to measure first
+    for finding in inspect(model, provider=choice.name, input_shapes=input_shapes, profile=profile,
+                           _info=_info).findings:
         if finding.status == "skipped" or finding.spec is None or finding.spec.is_depthwise:
             continue
         probe = tuning.Probe.from_spec(finding.spec)
@@ -119,12 +153,18 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
             report.skipped.append(finding.node)
             continue
         groups.setdefault(probe.key(), (probe, []))[1].append(finding.node)
+        times = finding.prediction.times_ms if finding.prediction is not None else {}
+        weight[probe.key()] = weight.get(probe.key(), 0.0) + times.get("native", 0.0)
     todo = [key for key in groups if force or store.get(target, groups[key][0]) is None]
     done = 0
-    for key, (probe, nodes) in groups.items():
+    for key in sorted(groups, key=lambda k: (k in todo, -weight.get(k, 0.0))):
+        probe, nodes = groups[key]
         cached = key not in todo
         if cached:
             m = store.get(target, probe)
+        elif budget_s is not None and time.monotonic() - start > budget_s:
+            report.over_budget.append(key)
+            continue
         else:
             tuning.wait_for_quiet(max_wait_s=2.0)
             m = tuning.measure(probe, choice, rounds=rounds)
@@ -134,4 +174,5 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
             if progress is not None:
                 progress(done, len(todo))
         report.entries.append(TuneEntry(key, nodes, m.times_ms, m.best(), cached, m.notes))
+    report.seconds = round(time.monotonic() - start, 2)
     return report

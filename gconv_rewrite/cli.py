@@ -75,6 +75,7 @@ def main():
       gconv-rewrite MODEL -o OUT      rewrite to the fastest form per node, verify
       gconv-rewrite inspect MODEL     list grouped convs and emulations; no output
       gconv-rewrite tune MODEL        measure each form on this machine; cache it
+      gconv-rewrite calibrate         fit the cost model to this machine (minutes)
       gconv-rewrite verify A B        compare two models: parity and latency
 
     Exit codes: 0 success, 1 verification failed (nothing written unless --force), 2 bad input
@@ -103,6 +104,13 @@ def _verify_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _profile_option(fn):
+    """--profile: plan with a named cost profile (e.g. for another machine) instead of this device's."""
+    return click.option("--profile", default=None, metavar="NAME|FILE.json",
+                        help="Cost profile to plan with: a shipped one (cpu, cpu-zen5-avx512) or a file "
+                             "(default: this device's calibration, else the closest machine class).")(fn)
 
 
 def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
@@ -151,11 +159,14 @@ def _progress(label, quiet: bool = False):
 @click.option("-v", "--verbose", is_flag=True, help="Also print each form's predicted (or measured) time per node.")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
+@click.option("--no-tune", is_flag=True,
+              help="Do not measure this model's geometries first on a device without its own calibration.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,
               help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@_profile_option
 @_verify_options
 def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
-                tune_first, cache, **verify_options):
+                tune_first, no_tune, cache, profile, **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify.
 
     auto (the default) picks per node the form the cost model predicts fastest on the target
@@ -163,14 +174,17 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
     is not faster beyond the noise."""
     if quiet and verbose:
         raise click.UsageError("-q and -v exclude each other")
+    if tune_first and no_tune:
+        raise click.UsageError("--tune and --no-tune exclude each other")
     if form is not None and direction != "auto":
         raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
+    planning = dict(tune_first=tune_first, auto_tune=False if no_tune else None, cache=cache, profile=profile)
     _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
-                            report_path, as_json, quiet, verbose, tune_first, cache))
+                            report_path, as_json, quiet, verbose, planning))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
-             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None):
+             as_json=False, quiet=False, verbose=False, planning=None):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
@@ -178,7 +192,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         _check_report_path(report_path, model, output)
     kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
     _announce_load(model, quiet or as_json)
-    result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
+    result = api.rewrite(model, direction, form=form, verify_result=not no_verify, **(planning or {}),
                          tune_progress=_progress("tuning", quiet or as_json), **kwargs)
     say = (lambda *a, **k: None) if as_json else _echo
     if verbose:
@@ -204,7 +218,9 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
             say("(* measured by tune; other times predicted by the cost model)")
     if result.tuning is not None and not quiet:
-        say(result.tuning.summary())
+        say(textwrap.fill(result.tuning.summary(), 80, subsequent_indent="  "))
+    if not verbose and not quiet and result.decisions:  # what the picks rest on, in every report
+        say(textwrap.fill(f"cost model: {result.planner}", 80, subsequent_indent="  "))
     for line in result.summary():
         say(line)
     report = result.verification
@@ -273,12 +289,13 @@ def _write_json(path, data) -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
                      callback=lambda ctx, param, value: _parse_shapes(value),
               help="Give symbolic input dims a size for the predictions (repeatable).")
-def inspect_cmd(model, as_json, provider, cache, input_shapes):
+@_profile_option
+def inspect_cmd(model, as_json, provider, cache, input_shapes, profile):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes), as_json)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes, profile=profile), as_json)
     _guard(run)
 
 
@@ -302,6 +319,28 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
                                input_shapes=input_shapes, progress=_progress("tuning", as_json)), as_json)
+    _guard(run)
+
+
+@main.command("calibrate")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help="The provider to calibrate (auto: CUDA if it really runs here, else CPU).")
+@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
+              help="Stop starting new measurements after this long (a rerun resumes).")
+@click.option("--count", type=click.IntRange(1, 2000), default=160, show_default=True,
+              help="Geometries to measure in all.")
+@click.option("--rounds", type=click.IntRange(3, 1000), default=5, show_default=True, help="Timing rounds per geometry.")
+@click.option("--fresh", is_flag=True, help="Forget this device's earlier calibration and start again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+def calibrate_cmd(provider, minutes, count, rounds, fresh, as_json):
+    """Calibrate the cost model on this machine: time every form on a grid of conv geometries and fit.
+
+    Stored per device beside the tune cache; rewrite, inspect and --no-verify use it from then on."""
+    from . import calibration
+
+    def run():
+        _print_report(calibration.calibrate(provider, minutes=minutes, count=count, rounds=rounds, fresh=fresh,
+                                            progress=_progress("calibrate", as_json)), as_json)
     _guard(run)
 
 

@@ -47,7 +47,7 @@ class Prediction:
     times_ms: dict[str, float]  # predicted per form
     form: str  # the pick
     why: str
-    basis: str  # "calibrated", "prior" (uncalibrated here) or "measured"
+    basis: str  # "calibrated", "similar" (a similar machine's profile), "prior" (uncalibrated here) or "measured"
     source: str  # which profile / cache, in words
     measured_ms: dict[str, float | None] | None = None
     work: str = ""  # the forms' FLOPs and bytes relative to native, in words
@@ -69,7 +69,8 @@ class Prediction:
             return ", ".join(f"{f} {times[f]:.3f}" for f in FORMS if times.get(f) is not None)
         if self.measured_ms:  # the measurement decides; the prediction shows how far off the model was
             return f"measured ms: {listed(self.measured_ms)} -> {self.form} (predicted: {listed(self.times_ms)})"
-        return f"predicted ms: {listed(self.times_ms)} -> {self.form}" + (" (uncalibrated)" if self.basis == "prior" else "")
+        note = {"prior": " (uncalibrated)", "similar": " (a similar machine's profile)"}.get(self.basis, "")
+        return f"predicted ms: {listed(self.times_ms)} -> {self.form}{note}"
 
 
 def features(p: Probe, block: int) -> list[float]:
@@ -110,6 +111,10 @@ class Profile:
     margin: float = 0.05
     points: list[list[float]] = field(default_factory=list)  # features + log(t_form / t_native) per FORMS[1:]
     fit_quality: dict = field(default_factory=dict)
+    # Set by basis.select, never saved: why this profile was chosen, and the device it stands in for
+    # (a similar machine's profile is used for picks there, and says so).
+    chosen: str = ""
+    applies_to: str = ""
 
     # -- predictions ------------------------------------------------------------------------
     def native_ms(self, p: Probe) -> float:
@@ -138,7 +143,7 @@ class Profile:
                block: int | None = None, current_device: str | None = None) -> Prediction:
         """The form to use for `p` among `available`, with the numbers behind the pick."""
         source = self.describe(current_device)
-        basis = "calibrated" if self.calibrated and (current_device is None or current_device == self.device) else "prior"
+        basis = self.basis_on(current_device)
         if p is None:
             return Prediction("", {}, "native",
                               "spatial size unknown (give it with --input-shape): no prediction, so the native form", "prior",
@@ -169,20 +174,34 @@ class Profile:
         return Prediction(p.key(), times, form, why, basis, source,
                           measured_ms=measured if basis == "measured" else None)
 
-    def describe(self, current_device: str | None = None) -> str:
+    def basis_on(self, current_device: str | None) -> str:
+        """"calibrated" on its own device, "similar" where basis.select chose it for a device of the same
+        class (its picks are used), else "prior" (informs, keeps native)."""
         if not self.calibrated:
-            return f"{self.provider} prior (uncalibrated: {self.note})"
+            return "prior"
+        if current_device is None or current_device == self.device:
+            return "calibrated"
+        return "similar" if current_device == self.applies_to else "prior"
+
+    def describe(self, current_device: str | None = None) -> str:
+        """Which profile, measured where, and (when basis.select chose it) why: every report says it."""
+        why = f"; {self.chosen}" if self.chosen else ""
+        if not self.calibrated:
+            return f"{self.provider} prior (uncalibrated: {self.note}{why})"
         if current_device is not None and current_device == self.device:
-            return f"{self.provider} profile calibrated on this device (onnxruntime {self.ort_version})"
+            return f"{self.provider} profile calibrated on this device (onnxruntime {self.ort_version}{why})"
         text = f"{self.provider} profile calibrated on {self.device}, onnxruntime {self.ort_version}"
-        if current_device is not None:
-            text += f" (not this device: {current_device}; prior only)"
+        if self.basis_on(current_device) == "similar":
+            text = f"{self.provider} profile of another machine: {self.device}, onnxruntime {self.ort_version}"
+            text += f" ({self.chosen})" if self.chosen else ""
+        elif current_device is not None:
+            text += f" (not this device: {current_device}; prior only{why})"
         return text
 
     # -- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = {"schema": PROFILE_SCHEMA, "version": PROFILE_VERSION}
-        data.update({k: getattr(self, k) for k in self.__dataclass_fields__})
+        data.update({k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("chosen", "applies_to")})
         data["points"] = [[None if isinstance(v, float) and math.isnan(v) else round(v, 5) for v in row]
                           for row in self.points]
         return data
@@ -196,7 +215,7 @@ class Profile:
     def from_dict(cls, data: dict) -> "Profile":
         if data.get("schema") != PROFILE_SCHEMA or data.get("version") != PROFILE_VERSION:
             raise ValueError("not a gconv-rewrite cost profile of this version")
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k not in ("chosen", "applies_to")}
         fields["points"] = [[math.nan if v is None else v for v in row] for row in fields.get("points", [])]
         return cls(**fields)
 
@@ -262,13 +281,13 @@ def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
 # -- loading and fitting ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def load_profile(provider: str) -> Profile:
-    """The profile shipped for `provider` ("cpu" or "cuda"); a prior where none was fitted. Read once."""
-    path = os.path.join(_PROFILES, f"{provider}.json")
+def load_profile(name: str) -> Profile:
+    """The shipped profile `name` ("cpu", "cpu-zen5-avx512", "cuda"); a prior where none was fitted. Read once."""
+    path = os.path.join(_PROFILES, f"{name}.json")
     if os.path.exists(path):
         with open(path) as f:
             return Profile.from_dict(json.load(f))
-    return Profile(provider, "", "", 8, False, note="no measurements for this provider yet; roofline prior")
+    return Profile(name.split("-")[0], "", "", 8, False, note="no measurements for this provider yet; roofline prior")
 
 
 def read_measurements(path: str) -> list[tuple[Probe, dict[str, float]]]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import model_io, runtime, tuning
+from . import basis, model_io, runtime, tuning
 from .cost import Planner, Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
 from .geometry import ConvSpec
@@ -110,12 +110,14 @@ class InspectReport:
 
 
 def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, _info=None) -> InspectReport:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, profile: str | None = None,
+            _info=None) -> InspectReport:
     """Find every grouped Conv and emulation subgraph (all graphs) without changing anything.
 
     Each finding carries every form's predicted time on `provider` (measured, where `tune`
     cached this geometry) and the form the cost model would pick. `input_shapes` resolves
-    symbolic input dims (name -> shape) for those predictions.
+    symbolic input dims (name -> shape) for those predictions. `profile` names the cost profile
+    (a shipped one's name or a file; default: see basis.select).
     """
     if _info is None:
         loaded, info = model_io.load(model)
@@ -125,9 +127,10 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     resolved = ShapeTable(loaded, model_io.shapes_at(loaded, input_shapes)) if input_shapes else None
     opset = default_opset(loaded)
     choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
-    planner = Planner(choice.name, tuning.TuneCache(cache))
+    chosen = basis.select(choice.name, named=profile)
+    planner = Planner(choice.name, tuning.TuneCache(cache), profile=chosen.profile)
     report = InspectReport(provider=choice.name, cost_model=planner.describe(),
-                           warnings=[planner.warning] if planner.warning else [])
+                           warnings=chosen.warnings + ([planner.warning] if planner.warning else []))
 
     def visit(graph, outer, path):
         ix = GraphIndex(graph, shapes, opset, outer, path, loaded.ir_version)

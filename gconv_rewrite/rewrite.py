@@ -146,6 +146,8 @@ class RewriteResult:
             label = "tuned/predicted" if "measured" in bases else "predicted"
             if "prior" in bases:
                 label += ", uncalibrated"
+            elif "similar" in bases:
+                label += ", not calibrated here"
             lines.append(f"grouped convs on {self.provider}: {b:.2f} ms -> {a:.2f} ms {label} ({b / a:.2f}x)")
         wb, wa = self.weight_bytes()
         if self.changed:

@@ -341,6 +341,9 @@ class TuneReport:
     cache: str
     entries: list[TuneEntry] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # candidates without a static geometry
+    over_budget: list[str] = field(default_factory=list)  # geometries not measured: the time budget ran out
+    seconds: float = 0.0  # how long tuning took (analysis included)
+    why: str = ""  # why it ran: asked for, or automatic on a device without calibration
 
     def lines(self) -> list[str]:
         """The terminal report: one line per geometry, a summary, the cache file."""
@@ -353,6 +356,9 @@ class TuneReport:
             summary += "; fastest: " + ", ".join(f"{f} {n}" for f, n in wins.items() if n)
         lines.append(summary)
         lines.append(textwrap.fill(f"on: {self.target}", 80, subsequent_indent="  "))
+        if self.over_budget:
+            lines.append(textwrap.fill(f"not measured (time budget): {', '.join(self.over_budget)}", 80,
+                                       subsequent_indent="  "))
         if self.skipped:
             lines.append(textwrap.fill(f"not tuned (spatial size not static; give it with --input-shape): "
                                        f"{', '.join(self.skipped)}", 80, subsequent_indent="  "))
@@ -363,7 +369,11 @@ class TuneReport:
         """One line for the main command's report after --tune."""
         measured = sum(not e.cached for e in self.entries)
         text = (f"tuned {len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'} "
-                f"({measured} measured, {len(self.entries) - measured} cached)")
+                f"({measured} measured, {len(self.entries) - measured} cached) in {self.seconds:.1f} s")
+        if self.why:
+            text += f"; {self.why}"
+        if self.over_budget:
+            text += f"; {len(self.over_budget)} not measured (time budget): their picks are predicted"
         if self.skipped:
             text += f"; {len(self.skipped)} not tuned (spatial size not static)"
         return text
