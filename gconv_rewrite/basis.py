@@ -108,7 +108,7 @@ def _named(provider: str, name: str, device: str, how: str = "named with --profi
     except (OSError, ValueError, TypeError) as exc:
         raise GconvError(f"profile {name}: not a readable cost profile ({str(exc).splitlines()[0]})") from None
     if profile is None:
-        names = ", ".join(os.path.basename(p)[:-5] for p in sorted(glob.glob(os.path.join(_PROFILES, "*.json"))))
+        names = ", ".join(sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(_PROFILES, "*.json"))))
         raise GconvError(f"profile {name}: no such profile (shipped: {names}; or a path to a .json)")
     if profile.provider != provider:
         raise GconvError(f"profile {name} is a {profile.provider} profile; the target is {provider}")
