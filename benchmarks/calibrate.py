@@ -71,7 +71,8 @@ def main() -> None:
         calibration.measure_into(args.csv, probes, runtime.choose_provider(args.provider), args.rounds,
                                  log=lambda line: print(f"{time.time() - start:.0f}s {line}", file=sys.stderr))
     try:  # the machine that measured, never the host that refits
-        profile = calibration.fit_csv(args.csv, args.provider, source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
+        source = os.path.relpath(args.csv, os.path.join(HERE, ".."))
+        profile = calibration.fit_csv(args.csv, args.provider, source=source)
     except ValueError as exc:
         sys.exit(f"calibrate.py: {exc}")
     profile.save(args.profile)

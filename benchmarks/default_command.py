@@ -98,11 +98,14 @@ def judge(default_csv: str, measured_csv: str) -> list[tuple[str, dict]]:
     """Step 3: every picker's ratio to the measured best, on the geometries measured."""
     measured = {row["probe"]: {f: float(row[f"t_{f}_ms"]) for f in FORMS} for row in csv.DictReader(open(measured_csv))}
     measured = {k: {f: t for f, t in v.items() if not math.isnan(t)} for k, v in measured.items()}
-    delivered = {row["probe"]: row["delivered"] for row in csv.DictReader(open(default_csv))}
+    rows = list(csv.DictReader(open(default_csv)))
+    delivered = {row["probe"]: row["delivered"] for row in rows}
+    planned = {row["probe"]: row["planned"] for row in rows}
     probes = {p.key(): p for _, p in cost_accuracy.held_out()}
     here = runtime.device_name("cpu")
     chosen = basis.select("cpu", here)
-    pickers = {"default command (tuned, verified)": lambda p, t: delivered[p.key()],
+    pickers = {"default command: delivered (tuned, verified, never-regress guard)": lambda p, t: delivered[p.key()],
+               "default command: planned (tuned picks before the guard)": lambda p, t: planned[p.key()],
                f"no run: {chosen.profile.device} profile (chosen here)":
                    lambda p, t: chosen.profile.choose(p, tuple(t), current_device=here).form,
                "no run: Zen 3 profile (cpu)": lambda p, t: cost.load_profile("cpu").choose(p, tuple(t)).form,
@@ -113,8 +116,8 @@ def judge(default_csv: str, measured_csv: str) -> list[tuple[str, dict]]:
     results = []
     for name, pick in pickers.items():
         r = np.array([measured[k][pick(probes[k], measured[k])] / min(measured[k].values()) for k in keys])
-        results.append((name, {"within_5pct": float(np.mean(r <= 1.05)), "geomean": float(np.exp(np.mean(np.log(r))) - 1),
-                               "worst": float(r.max()), "n": len(r)}))
+        results.append((name, {"within_5pct": float(np.mean(r <= 1.05)),
+                               "geomean": float(np.exp(np.mean(np.log(r))) - 1), "worst": float(r.max()), "n": len(r)}))
     return results
 
 
@@ -137,7 +140,8 @@ def first_run_extra(workdir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="CSV of the default command's picks")
-    parser.add_argument("--measured", default=None, help="CSV of the independent measurements (default: OUT.measured.csv)")
+    parser.add_argument("--measured", default=None,
+                        help="CSV of the independent measurements (default: OUT.measured.csv)")
     parser.add_argument("--rounds", type=int, default=9, help="rounds of the independent measurements")
     parser.add_argument("--every", type=int, default=1, help="measure every k-th geometry only (a shorter run)")
     parser.add_argument("--limit", type=int, default=None, help="first N (network, batch) models only (a try)")
@@ -160,7 +164,8 @@ def main() -> None:
         print(f"| picker | within 5% of best | geomean slowdown | worst | n |  ({runtime.device_name('cpu')})")
         print("|---|---|---|---|---|")
         for name, s in judge(args.out, measured):
-            print(f"| {name} | {100 * s['within_5pct']:.1f}% | {100 * s['geomean']:.2f}% | {s['worst']:.2f}x | {s['n']} |")
+            print(f"| {name} | {100 * s['within_5pct']:.1f}% | {100 * s['geomean']:.2f}% | {s['worst']:.2f}x "
+                  f"| {s['n']} |")
 
 
 if __name__ == "__main__":

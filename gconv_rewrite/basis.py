@@ -82,7 +82,8 @@ def load_user_profile(provider: str, device: str) -> tuple[Profile | None, str]:
     except FileNotFoundError:
         return None, ""
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        return None, f"calibration {path} ignored: damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, f"calibration {path} ignored: damaged ({what})"
     if profile.provider != provider or profile.device != device:
         return None, f"calibration {path} ignored: it was measured on {profile.device} ({profile.provider}), not here"
     if profile.ort_version != runtime.ort_version():

@@ -164,7 +164,7 @@ def fit_csv(csv_path: str, provider: str, source: str = "") -> Profile:
 
 @dataclass
 class CalibrationReport:
-    """What `gconv-rewrite calibrate` did: rows measured now and in all, where they are, whether a profile was fitted."""
+    """What `gconv-rewrite calibrate` did: rows measured now and in all, where, and whether a profile was fitted."""
 
     device: str
     provider: str
@@ -214,7 +214,8 @@ def calibrate(provider: str = "auto", *, minutes: float = 4.0, count: int = 160,
     try:
         now = measure_into(csv_path, probes, choice, rounds, progress, start + 60 * minutes)
     except OSError as exc:
-        raise GconvError(f"cannot write the calibration in {os.path.dirname(csv_path)} ({exc.strerror or exc})") from None
+        folder = os.path.dirname(csv_path)
+        raise GconvError(f"cannot write the calibration in {folder} ({exc.strerror or exc})") from None
     total = len(measured_keys(csv_path))
     written = None
     if total >= MIN_ROWS:

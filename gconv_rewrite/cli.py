@@ -329,7 +329,8 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
               help="Stop starting new measurements after this long (a rerun resumes).")
 @click.option("--count", type=click.IntRange(1, 2000), default=160, show_default=True,
               help="Geometries to measure in all.")
-@click.option("--rounds", type=click.IntRange(3, 1000), default=5, show_default=True, help="Timing rounds per geometry.")
+@click.option("--rounds", type=click.IntRange(3, 1000), default=5, show_default=True,
+              help="Timing rounds per geometry.")
 @click.option("--fresh", is_flag=True, help="Forget this device's earlier calibration and start again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
 def calibrate_cmd(provider, minutes, count, rounds, fresh, as_json):

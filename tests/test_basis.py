@@ -65,7 +65,8 @@ def test_the_profiles_own_machine_is_calibrated_and_an_unknown_class_keeps_nativ
     exact = basis.select("cpu", ZEN3)
     assert exact.this_device and exact.profile.choose(probe(), current_device=ZEN3).basis == "calibrated"
     arm = basis.select("cpu", "aarch64, 4 threads")
-    pred = arm.profile.choose(probe(cin=256, cout=256, g=8, size=28, k=5, s=2, n=8), current_device="aarch64, 4 threads")
+    big = probe(cin=256, cout=256, g=8, size=28, k=5, s=2, n=8)
+    pred = arm.profile.choose(big, current_device="aarch64, 4 threads")
     assert not arm.this_device and pred.basis == "prior" and pred.form == "native"
     assert "no shipped profile of its class" in arm.why
 
