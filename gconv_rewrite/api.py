@@ -64,15 +64,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     warnings = list(chosen.warnings)
     tune_report = None
     if tune_first or _tunes_first(auto_tune, chosen, verify_result, direction, form):
-        try:
-            tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
-                               budget_s=None if tune_first else AUTO_TUNE_BUDGET_S, profile=profile, _info=info)
-        except GconvError as exc:
-            if tune_first:
-                raise
-            warnings.append(f"not tuned first ({exc}): picks rest on the cost profile")
-        else:
-            tune_report.why = "asked with --tune" if tune_first else "this device is not calibrated (--no-tune skips)"
+        tune_report = _tune_before_planning(original, info, choice.name, tune_first, warnings, cache=cache,
+                                            input_shapes=input_shapes, progress=tune_progress, profile=profile)
     planner = Planner(choice.name, tuning.TuneCache(cache), profile=chosen.profile)
     rewritten = original
     if verify_result:  # keep the original for the comparison
@@ -94,6 +87,22 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if direction == "auto" and form is None and result.changed and (result.verification is None or not latency):
         result.warnings.append("not timed (--no-verify or --no-latency): the never-regress guard did not run")
     return result
+
+
+def _tune_before_planning(model, info, provider: str, asked: bool, warnings: list[str], **kwargs) -> TuneReport | None:
+    """`tune` before planning: asked for (--tune: no budget, errors are errors) or automatic (a time budget; an
+    unusable cache is a warning, the picks then rest on the profile). None when there was nothing to tune."""
+    try:
+        report = tune(model, provider, budget_s=None if asked else AUTO_TUNE_BUDGET_S, _info=info, **kwargs)
+    except GconvError as exc:
+        if asked:
+            raise
+        warnings.append(f"not tuned first ({exc}): picks rest on the cost profile")
+        return None
+    report.why = "asked with --tune" if asked else "this device is not calibrated (--no-tune skips)"
+    if not asked and not (report.entries or report.over_budget or report.skipped):
+        return None  # no grouped conv: nothing was tuned, nothing to report
+    return report
 
 
 def _tunes_first(auto_tune: bool | None, chosen: basis.Basis, verify_result: bool, direction: str, form) -> bool:

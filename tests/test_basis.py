@@ -178,3 +178,12 @@ def test_the_zen5_profile_is_reproducible_from_its_converted_measurements(csv_na
         assert refit.native_ms(p) == pytest.approx(shipped.native_ms(p), rel=1e-9)
     held_out = {line.split(",")[1] for line in open(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv")}
     assert not held_out & {p.key() for p, _ in cost.read_measurements(path)}  # nothing held out is fitted on
+
+
+def test_an_unusable_tune_cache_is_a_warning_and_the_profile_decides(test_cpu):
+    with open(os.environ["GCONV_REWRITE_CACHE"], "wb") as f:
+        f.write(b"\x00{not json")
+    result = gr.rewrite(str(MODELS / "resnext_native.onnx"), provider="cpu", rounds=3)
+    assert result.tuning is None and all(d.prediction.basis == "similar" for d in result.decisions)
+    assert any(w.startswith("not tuned first (tune cache") and "unreadable" in w for w in result.warnings)
+    assert open(os.environ["GCONV_REWRITE_CACHE"], "rb").read() == b"\x00{not json"  # never overwritten
