@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import runtime
-from .tuning import FORMS, Probe, TuneCache, target_key
+from .geometry import FORMS, Probe, parse_probe
+from .tuning import TuneCache, target_key
 
 PROFILE_SCHEMA = "gconv-rewrite/cost-profile"
 PROFILE_VERSION = 1
@@ -278,23 +279,6 @@ def read_measurements(path: str) -> list[tuple[Probe, dict[str, float]]]:
         for row in csv.DictReader(f):
             rows.append((parse_probe(row["probe"]), {form: float(row[f"t_{form}_ms"]) for form in FORMS}))
     return rows
-
-
-def parse_probe(key: str) -> Probe:
-    """The inverse of Probe.key()."""
-    parts = key.split()
-    dtype, fields = parts[0], {}
-    for part in parts[1:]:
-        for tag in ("Cin", "Cout", "in", "N", "G", "k", "s", "d", "p"):
-            if part.startswith(tag) and (part[len(tag):][:1].isdigit() or tag == "p"):
-                fields.setdefault(tag, part[len(tag):])
-                break
-    dims = lambda v: tuple(int(x) for x in v.split("x"))  # noqa: E731
-    pads = fields["p"]
-    pad_tuple = dims(pads) if pads[:1].isdigit() else None
-    return Probe(int(fields["Cin"]), int(fields["Cout"]), int(fields["G"]), dims(fields["in"]), dims(fields["k"]),
-                 dims(fields["s"]), dims(fields["d"]), pad_tuple, "NOTSET" if pad_tuple is not None else pads,
-                 dtype, int(fields["N"]))
 
 
 def fit(rows: list[tuple[Probe, dict[str, float]]], provider: str, device: str, ort_version: str, block: int,

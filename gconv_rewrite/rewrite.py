@@ -20,10 +20,9 @@ from onnx import GraphProto, ModelProto, NodeProto, helper
 from . import model_io
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
 from .cost import Planner, Prediction
-from .geometry import ConvSpec
+from .geometry import FORMS, ConvSpec, Form
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
-from .lowering import (conv_node, dense_weights, expand_weights, fuse_weights, int64_tensor, reduce_sum_node,
-                       split_weights, tensor)
+from .lowering import emit, fuse_weights, int64_tensor, tensor
 from .wording import tail, warning_lines
 
 if TYPE_CHECKING:  # verify and tuning import this module's names; only the annotations need theirs
@@ -32,8 +31,6 @@ if TYPE_CHECKING:  # verify and tuning import this module's names; only the anno
 
 Direction = Literal["auto", "expand", "fuse"]
 DIRECTIONS = ("auto", "expand", "fuse")
-Form = Literal["native", "dw", "split", "dense"]
-FORMS = ("native", "dw", "split", "dense")
 _FORM_TEXT = {"native": "one Conv(group=G)", "dw": "depthwise Conv + Reshape + ReduceSum + Reshape",
               "split": "Split -> G Convs -> Concat", "dense": "one dense Conv with block-diagonal weights"}
 
@@ -400,87 +397,13 @@ class _Liveness:
 def _apply(ix: GraphIndex, cand, form: str, names: NameGen, edit: _Edit, decision: Decision) -> None:
     if isinstance(cand, NativeGrouped):
         node = cand.node
-        new, inits = _emit(form, ix, node.input[0], cand.weight, cand.bias, cand.spec.group, node, node.output[0],
+        new, inits = emit(form, ix.opset, ix.shape(node.output[0]), node.input[0], cand.weight, cand.bias, cand.spec.group, node, node.output[0],
                            node.name or node.output[0], names)
         edit.replace[id(node)] = new
         edit.initializers += inits
         decision.nodes_removed, decision.nodes_added = 1, len(new)
     else:
         _fuse(ix, cand, names, edit, decision, form)
-
-
-def _emit(form: str, ix: GraphIndex, x: str, weight: np.ndarray, bias: np.ndarray | None, group: int,
-          template: NodeProto, out: str, base: str, names: NameGen) -> tuple[list[NodeProto], list]:
-    """Nodes and initializers computing the grouped Conv (weight, bias, group, template's attributes)
-    of `x` into `out`, in the given form."""
-    def const(suffix, array):
-        name = names(f"{base}.{suffix}")
-        inits.append(tensor(name, array))
-        return name
-
-    inits: list = []
-    node_name = template.name or names(f"{base}/conv")
-    if form == "native":
-        inputs = [x, const("weight", weight)] + ([const("bias", bias)] if bias is not None else [])
-        return [conv_node(template, inputs, out, group, node_name)], inits
-    if form == "dense":
-        inputs = [x, const("dense_weight", dense_weights(weight, group))] + (
-            [const("bias", bias)] if bias is not None else [])
-        return [conv_node(template, inputs, out, 1, node_name)], inits
-    if form == "split":
-        cig = weight.shape[1]
-        parts = [names(f"{base}.in{g}") for g in range(group)]
-        outs = [names(f"{base}.out{g}") for g in range(group)]
-        if ix.opset >= 13:
-            sizes = names(f"{base}.split_sizes")
-            inits.append(int64_tensor(sizes, [cig] * group))
-            new = [helper.make_node("Split", [x, sizes], parts, name=names(f"{base}/split"), axis=1)]
-        else:
-            new = [helper.make_node("Split", [x], parts, name=names(f"{base}/split"), axis=1, split=[cig] * group)]
-        for g, (w, b) in enumerate(split_weights(weight, bias, group)):
-            inputs = [parts[g], const(f"weight{g}", w)] + ([const(f"bias{g}", b)] if b is not None else [])
-            new.append(conv_node(template, inputs, outs[g], 1, names(f"{node_name}/group{g}")))
-        new.append(helper.make_node("Concat", outs, [out], name=names(f"{base}/concat"), axis=1))
-        return new, inits
-    return _emit_dw(ix, x, weight, bias, group, template, out, base, names, node_name, inits)
-
-
-def _emit_dw(ix, x, weight, bias, group, template, out, base, names, node_name, inits):
-    """Depthwise Conv (multiplier Cog) + Reshape [N,G,Cig,Cog,spatial] + ReduceSum + Reshape [N,Cout,spatial]."""
-    c_out, cig = weight.shape[:2]
-    g, cog, rank = group, c_out // group, weight.ndim - 2
-    depthwise, dw_bias = expand_weights(weight, bias, g)
-    w_name = names(f"{base}.dw_weight")
-    inits.append(tensor(w_name, depthwise))
-    inputs = [x, w_name]
-    if dw_bias is not None:
-        b_name = names(f"{base}.dw_bias")
-        inits.append(tensor(b_name, dw_bias))
-        inputs.append(b_name)
-    dw_out = names(f"{base}.dw_out")
-    new = [conv_node(template, inputs, dw_out, g * cig, node_name)]
-    out_shape = ix.shape(out)
-    spatial = list(out_shape[2:]) if out_shape is not None and len(out_shape) == rank + 2 else None
-    head5, head_out = [0, g, cig, cog], [0, c_out]
-    shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
-    if spatial is not None and all(isinstance(d, int) and d > 0 for d in spatial):
-        inits += [int64_tensor(shape_a, head5 + spatial), int64_tensor(shape_b, head_out + spatial)]
-    else:  # dynamic spatial dims: read them from the depthwise output at run time
-        dims, sp = names(f"{base}.dw_shape"), names(f"{base}.spatial")
-        idx, h5, ho = names(f"{base}.spatial_axes"), names(f"{base}.head_grouped"), names(f"{base}.head_out")
-        inits += [int64_tensor(idx, list(range(2, 2 + rank))), int64_tensor(h5, head5), int64_tensor(ho, head_out)]
-        new += [helper.make_node("Shape", [dw_out], [dims], name=names(f"{base}/shape")),
-                helper.make_node("Gather", [dims, idx], [sp], name=names(f"{base}/spatial"), axis=0),
-                helper.make_node("Concat", [h5, sp], [shape_a], name=names(f"{base}/grouped_shape"), axis=0),
-                helper.make_node("Concat", [ho, sp], [shape_b], name=names(f"{base}/out_shape"), axis=0)]
-    grouped, summed = names(f"{base}.grouped"), names(f"{base}.summed")
-    reduce, reduce_inits = reduce_sum_node(grouped, [2], summed, names(f"{base}/reduce_sum"), ix.opset,
-                                           names(f"{base}.reduce_axes"))
-    inits += reduce_inits
-    new += [helper.make_node("Reshape", [dw_out, shape_a], [grouped], name=names(f"{base}/reshape_grouped")),
-            reduce,
-            helper.make_node("Reshape", [summed, shape_b], [out], name=names(f"{base}/reshape_out"))]
-    return new, inits
 
 
 def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision: Decision, form: str = "native") -> None:
@@ -500,7 +423,7 @@ def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: _Edit, decision
             decision.reason = "; ".join(filter(None, [decision.reason, "input permutation applied with a Gather"]))
     needs_tail = grouping.out_order is not None or cmap.layout == "NLC"
     conv_out = names(f"{base}.out") if needs_tail else cand.output
-    body, inits = _emit(form, ix, conv_in, weight, bias, grouping.group, dw, conv_out, base, names)
+    body, inits = emit(form, ix.opset, ix.shape(conv_out), conv_in, weight, bias, grouping.group, dw, conv_out, base, names)
     new += body
     edit.initializers += inits
     current = conv_out

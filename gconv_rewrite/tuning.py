@@ -1,7 +1,7 @@
 """Measure a conv geometry in each exact form on this machine, and cache what was measured.
 
 One probe = a single-node model (input -> grouped Conv with bias -> output) in the native form,
-rewritten into each other form by the same code that rewrites user models, then timed with the
+written into each other form by the same emitters that rewrite user models, then timed with the
 verification's session options (spinning off, own sessions), the forms rotated round by round.
 The calibration script (benchmarks/calibrate.py), the accuracy benchmark and `tune` all use it.
 """
@@ -10,118 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
-from .geometry import ConvSpec, conv_output_dims
+from .geometry import FORMS, Probe
+from .lowering import form_models
 from .wording import tail
 
-FORMS = ("native", "dw", "split", "dense")
 CACHE_VERSION = 1
 _HOPELESS = 4.0  # a form this many times slower than the best on a first run is not timed further
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One geometry at one batch size: everything that decides a conv's run time."""
-
-    c_in: int
-    c_out: int
-    group: int
-    spatial: tuple[int, ...]  # input spatial size
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads: tuple[int, ...] | None
-    auto_pad: str
-    dtype: str
-    batch: int
-
-    @classmethod
-    def from_spec(cls, spec: ConvSpec, batch: int | None = None) -> "Probe | None":
-        """The probe of a candidate's spec; None when its spatial size is not static. A symbolic batch is 1."""
-        shape = spec.input_shape
-        if not shape or len(shape) != spec.rank + 2 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-            return None
-        if batch is None:
-            batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
-        return cls(spec.c_in, spec.c_out, spec.group, tuple(shape[2:]), spec.kernel, spec.strides, spec.dilations,
-                   spec.pads, spec.auto_pad, spec.dtype, int(batch))
-
-    @property
-    def cig(self) -> int:
-        return self.c_in // self.group
-
-    @property
-    def cog(self) -> int:
-        return self.c_out // self.group
-
-    def output_spatial(self) -> tuple[int, ...]:
-        return conv_output_dims(self.spatial, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
-
-    def key(self) -> str:
-        """A stable text key (cache, CSV)."""
-        pads = "x".join(map(str, self.pads)) if self.pads is not None else self.auto_pad
-        join = lambda v: "x".join(map(str, v))  # noqa: E731
-        return (f"{self.dtype} N{self.batch} Cin{self.c_in} Cout{self.c_out} G{self.group} in{join(self.spatial)} "
-                f"k{join(self.kernel)} s{join(self.strides)} d{join(self.dilations)} p{pads}")
-
-    def describe(self) -> str:
-        k = "x".join(map(str, self.kernel))
-        text = f"N={self.batch} Cin={self.c_in} Cout={self.c_out} G={self.group} k={k} in={'x'.join(map(str, self.spatial))}"
-        if any(s != 1 for s in self.strides):
-            text += " s=" + "x".join(map(str, self.strides))
-        return text
-
-    def model(self, seed: int = 0) -> onnx.ModelProto:
-        """The single-node native model of this probe (float weights with a bias)."""
-        rng = np.random.default_rng(seed)
-        np_dtype = np.dtype(self.dtype)
-        elem = helper.np_dtype_to_tensor_dtype(np_dtype)
-        fan_in = self.cig * math.prod(self.kernel)
-        w = (rng.standard_normal((self.c_out, self.cig) + self.kernel) / math.sqrt(fan_in)).astype(np_dtype)
-        b = rng.standard_normal(self.c_out).astype(np_dtype)
-        attrs = dict(group=self.group, kernel_shape=list(self.kernel), strides=list(self.strides),
-                     dilations=list(self.dilations))
-        if self.pads is not None:
-            attrs["pads"] = list(self.pads)
-        else:
-            attrs["auto_pad"] = self.auto_pad
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)
-        x = helper.make_tensor_value_info("x", elem, [self.batch, self.c_in, *self.spatial])
-        y = helper.make_tensor_value_info("y", elem, [self.batch, self.c_out, *self.output_spatial()])
-        graph = helper.make_graph([node], "probe", [x], [y],
-                                  [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-    def intermediate_bytes(self) -> int:
-        """Bytes of the depthwise emulation's intermediate (C_in*Cog channels at the output size)."""
-        return self.batch * self.c_in * self.cog * math.prod(self.output_spatial()) * np.dtype(self.dtype).itemsize
-
-
-def form_models(probe: Probe) -> dict[str, onnx.ModelProto]:
-    """The probe in every exact form, each written by the rewriter itself."""
-    from .cost import Planner
-    from .rewrite import rewrite_model
-
-    planner = Planner("cpu", TuneCache(read=False))  # forced forms: predictions are not needed
-    native = probe.model()
-    models = {"native": native}
-    for form in FORMS[1:]:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(native)
-        decisions = rewrite_model(copy, form=form, planner=planner)
-        if decisions and decisions[0].action in ("expanded", "converted"):
-            models[form] = copy
-    return models
 
 
 @dataclass

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import gconv_rewrite as gr
-from gconv_rewrite import cost, runtime, tuning
+from gconv_rewrite import cost, geometry, lowering, runtime, tuning
 from gconv_rewrite.rewrite import rewrite_model
 from gconv_rewrite.samples import grouped_conv_model
 
@@ -20,7 +20,7 @@ from conftest import MODELS, max_rel_err, run_ort
 
 
 def probe(cin=64, cout=64, g=16, size=28, k=3, s=1, n=1):
-    return tuning.Probe(cin, cout, g, (size, size), (k, k), (s, s), (1, 1), (k // 2,) * 4, "NOTSET", "float32", n)
+    return geometry.Probe(cin, cout, g, (size, size), (k, k), (s, s), (1, 1), (k // 2,) * 4, "NOTSET", "float32", n)
 
 
 def synthetic_rows():
@@ -39,11 +39,11 @@ def synthetic_rows():
 
 def test_probe_key_round_trip_and_output_size_matches_onnxruntime():
     for p in (probe(), probe(k=5, s=2, n=8),
-              tuning.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (1, 1), None, "SAME_UPPER", "float32", 2),
-              tuning.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (2, 1), (1, 0, 2, 1), "NOTSET", "float32", 2),
-              tuning.Probe(24, 48, 3, (17,), (3,), (2,), (1,), None, "VALID", "float16", 1)):
-        assert cost.parse_probe(p.key()) == p
-        model = p.model()
+              geometry.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (1, 1), None, "SAME_UPPER", "float32", 2),
+              geometry.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (2, 1), (1, 0, 2, 1), "NOTSET", "float32", 2),
+              geometry.Probe(24, 48, 3, (17,), (3,), (2,), (1,), None, "VALID", "float16", 1)):
+        assert geometry.parse_probe(p.key()) == p
+        model = lowering.probe_model(p)
         x = np.zeros((p.batch, p.c_in, *p.spatial), np.dtype(p.dtype))
         (y,) = run_ort(model, {"x": x}).values()
         assert y.shape[2:] == p.output_spatial()
@@ -51,8 +51,8 @@ def test_probe_key_round_trip_and_output_size_matches_onnxruntime():
 
 def test_probe_forms_are_exact_and_written_by_the_rewriter():
     p = probe(cin=32, cout=32, g=4, size=10, k=3)
-    models = tuning.form_models(p)
-    assert set(models) == set(tuning.FORMS)
+    models = lowering.form_models(p)
+    assert set(models) == set(geometry.FORMS)
     x = np.random.default_rng(0).standard_normal((1, 32, 10, 10)).astype(np.float32)
     ref = run_ort(models["native"], {"x": x})["y"]
     ops = {f: {n.op_type for n in m.graph.node} for f, m in models.items()}
@@ -96,7 +96,7 @@ def test_shipped_cpu_profile_and_the_cuda_prior():
     assert cpu.calibrated and len(cpu.points) >= 300 and set(cpu.native) == {"nchwc", "plain"}
     assert cpu.device and cpu.ort_version and cpu.block in (8, 16)
     times = cpu.predict(probe())
-    assert set(times) == set(tuning.FORMS) and all(t > 0 for t in times.values())
+    assert set(times) == set(geometry.FORMS) and all(t > 0 for t in times.values())
     cuda = cost.load_profile("cuda")
     pred = cuda.choose(probe(), current_device=runtime.device_name("cuda"))
     assert not cuda.calibrated and pred.basis == "prior" and pred.form == "native"
@@ -159,7 +159,7 @@ def test_tune_measures_caches_and_rewrite_uses_the_measurements(tmp_path):
     first = gr.tune(path, "cpu", rounds=3, cache=cache)
     assert first.entries and not any(e.cached for e in first.entries)
     for e in first.entries:
-        assert set(e.times_ms) == set(tuning.FORMS) and all(t and t > 0 for t in e.times_ms.values())
+        assert set(e.times_ms) == set(geometry.FORMS) and all(t and t > 0 for t in e.times_ms.values())
         assert e.best == min(e.times_ms, key=e.times_ms.get)
     data = json.loads(open(cache).read())
     (target,) = data["targets"]
@@ -284,9 +284,9 @@ def test_uncalibrated_geometries_keep_native_and_say_so():
     """Only 2-D float32 convs are calibrated: 1-D/3-D and float16 get the prior (native kept)."""
     profile = cost.load_profile("cpu")
     here = runtime.device_name("cpu")
-    for p in (tuning.Probe(32, 32, 4, (64,), (3,), (1,), (1,), (1, 1), "NOTSET", "float32", 1),
-              tuning.Probe(32, 32, 4, (8, 8, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 6, "NOTSET", "float32", 1),
-              tuning.Probe(32, 32, 4, (16, 16), (3, 3), (1, 1), (1, 1), (1,) * 4, "NOTSET", "float16", 1)):
+    for p in (geometry.Probe(32, 32, 4, (64,), (3,), (1,), (1,), (1, 1), "NOTSET", "float32", 1),
+              geometry.Probe(32, 32, 4, (8, 8, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 6, "NOTSET", "float32", 1),
+              geometry.Probe(32, 32, 4, (16, 16), (3, 3), (1, 1), (1, 1), (1,) * 4, "NOTSET", "float16", 1)):
         pred = profile.choose(p, current_device=here)
         assert pred.basis == "prior" and pred.form == "native" and "not calibrated" in pred.source
         measured = profile.choose(p, measured={"native": 2.0, "dw": 1.0, "split": 3.0, "dense": 3.0},
@@ -297,7 +297,7 @@ def test_uncalibrated_geometries_keep_native_and_say_so():
 def test_the_work_behind_the_predictions_is_counted_exactly():
     """The explanation each report gives: bytes and FLOPs of every form relative to native."""
     # Cin = Cout = 32, G = 8 (Cig = Cog = 4), 3x3 'same' conv on 8x8: input and output the same size.
-    p = tuning.Probe(32, 32, 8, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
+    p = geometry.Probe(32, 32, 8, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
     w = cost.work(p)
     x = y = 32 * 8 * 8 * 4
     assert w["native"] == (1, 2.0 * 32 * 4 * 9 * 64, x + y)
