@@ -147,10 +147,10 @@ def main() -> None:
         if args.part in ("all", "model-like"):
             probes += model_like_grid(20 if args.quick else args.model_like)
         measure_all(args.csv, probes, args.rounds, args.append, args.provider)
-    from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
-    rows = cost.read_measurements(args.csv)
+    from gconv_rewrite import cost_fit  # noqa: PLC0415 (measuring needs no cost model)
+    rows = cost_fit.read_measurements(args.csv)
     machine = read_machine(args.csv)  # the machine that measured, never the host that refits
-    profile = cost.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
+    profile = cost_fit.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
                        block=machine["block"], source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
     profile.save(args.profile)
     print(f"fitted on {len(rows)} geometries -> {args.profile}")

@@ -12,8 +12,11 @@ import click
 from . import api
 from .errors import GconvError
 from .model_io import check_writable
-from .rewrite import DIRECTIONS, FORMS, Decision
+from .decide import DIRECTIONS
+from .geometry import FORMS
+from .report import Decision
 from .runtime import PROVIDERS
+from .verify import load_inputs
 
 
 def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
@@ -106,7 +109,6 @@ def _verify_options(fn):
 
 
 def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
-    from .verify import load_inputs
     return dict(provider=provider, input_shapes=input_shapes, seed=seed,
                 inputs=load_inputs(list(input_files)) if input_files else None, tolerance=tolerance,
                 compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing", quiet))

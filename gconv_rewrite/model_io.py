@@ -15,6 +15,7 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from .errors import GconvError
+from .graph import skeleton, value_infos
 
 ModelSource = ModelProto | str | os.PathLike
 _TWO_GB = 2**31 - 1
@@ -147,8 +148,6 @@ def check_writable(path: str | os.PathLike) -> None:
 def validate(model: ModelProto, label: str = "model") -> dict:
     """onnx.checker and strict shape inference on the model's structure (a weightless copy, so it
     is cheap) and the sizes of its weights; returns the inferred ValueInfos for the analysis."""
-    from .graph import skeleton, value_infos  # the graph helpers need nothing from here
-
     for tensor in iter_tensors(model):
         expected = tensor_nbytes(tensor)
         # Reading raw_data copies it: sizes of weights over 256 MB are left to onnxruntime to check.
@@ -196,8 +195,6 @@ def check_input_shapes(model: ModelProto, input_shapes: dict[str, tuple[int, ...
 def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
     """The model's value shapes when its graph inputs have `input_shapes` (--input-shape): what the
     cost model plans with where the model's own spatial dims are symbolic. The model is not changed."""
-    from .graph import skeleton, value_infos
-
     check_input_shapes(model, input_shapes)
     skel = skeleton(model)
     inputs = {vi.name: vi for vi in skel.graph.input}

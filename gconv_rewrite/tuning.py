@@ -1,4 +1,5 @@
-"""Measure a conv geometry in each exact form on this machine, and cache what was measured.
+"""Measure a conv geometry in each exact form on this machine (the cache is tune_cache.py, the
+report tune_report.py).
 
 One probe = a single-node model (input -> grouped Conv with bias -> output) in the native form,
 written into each other form by the same emitters that rewrite user models, then timed with the
@@ -8,21 +9,16 @@ The calibration script (benchmarks/calibrate.py), the accuracy benchmark and `tu
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import textwrap
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import runtime
 from .geometry import FORMS, Probe
 from .lowering import form_models
-from .wording import tail
 
-CACHE_VERSION = 1
 _HOPELESS = 4.0  # a form this many times slower than the best on a first run is not timed further
 
 
@@ -85,105 +81,6 @@ def measure(probe: Probe, choice: runtime.ProviderChoice, forms=FORMS, rounds: i
     return result
 
 
-# -- the cache -----------------------------------------------------------------------------------
-
-def cache_path() -> str:
-    """$GCONV_REWRITE_CACHE, else $XDG_CACHE_HOME/gconv-rewrite/tune.json, else ~/.cache/gconv-rewrite/tune.json."""
-    if os.environ.get("GCONV_REWRITE_CACHE"):
-        return os.environ["GCONV_REWRITE_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gconv-rewrite", "tune.json")
-
-
-def target_key(provider: runtime.ProviderChoice | str) -> str:
-    """What a measurement depends on besides the geometry: device, provider, onnxruntime version."""
-    name = provider if isinstance(provider, str) else provider.name
-    return f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
-
-
-def _well_formed(targets) -> bool:
-    """Every entry a measurement this version can read: a damaged file is reported, never half-used."""
-    known = {f.name for f in fields(Measurement)}
-    for probes in targets.values():
-        if not isinstance(probes, dict):
-            return False
-        for entry in probes.values():
-            if (not isinstance(entry, dict) or not set(entry) <= known or "probe" not in entry
-                    or not isinstance(entry.get("times_ms"), dict)):
-                return False
-            times = entry["times_ms"].values()
-            if not all(v is None or isinstance(v, (int, float)) for v in times) or all(v is None for v in times):
-                return False
-    return True
-
-
-class TuneCache:
-    """Measured times per (device, provider, onnxruntime version) and probe key, in one JSON file."""
-
-    def __init__(self, path: str | None = None, read: bool = True):
-        self.path = path or cache_path()
-        self.entries: dict[str, dict[str, dict]] = {}
-        self.problem = ""  # why an existing file is not used (and will not be overwritten)
-        if not read:
-            return
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except (FileNotFoundError, NotADirectoryError):
-            return  # no cache yet (check_writable says if one cannot be made there)
-        except (OSError, ValueError) as exc:
-            self.problem = f"unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__})"
-            return
-        if not isinstance(data, dict) or "targets" not in data or not isinstance(data["targets"], dict):
-            self.problem = "not a gconv-rewrite tune cache"
-        elif data.get("version") == CACHE_VERSION:
-            if not _well_formed(data["targets"]):
-                self.problem = "not a gconv-rewrite tune cache (malformed entries)"
-            else:
-                self.entries = data["targets"]
-        # another version: its entries are ignored and replaced
-
-    def check_writable(self) -> None:
-        """Raise GconvError now, before any measurement, if save() could not write the file."""
-        from .errors import GconvError
-
-        if self.problem:
-            raise GconvError(f"tune cache {self.path} is {self.problem}; not overwritten "
-                             "(delete it or choose another --cache)")
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise GconvError(f"cannot create the tune cache folder {folder} ({exc.strerror or exc})") from None
-        if not os.access(folder, os.W_OK):
-            raise GconvError(f"cannot write the tune cache in {folder} (permission denied)")
-
-    def get(self, target: str, probe: Probe) -> Measurement | None:
-        entry = self.entries.get(target, {}).get(probe.key())
-        if entry is None:
-            return None
-        entry = dict(entry)
-        entry["quartiles_ms"] = {f: tuple(q) for f, q in entry.get("quartiles_ms", {}).items()}
-        return Measurement(**entry)
-
-    def put(self, target: str, measurement: Measurement) -> None:
-        self.entries.setdefault(target, {})[measurement.probe] = asdict(measurement)
-
-    def save(self) -> None:
-        """Write atomically (a reader never sees half a file)."""
-        self.check_writable()
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"version": CACHE_VERSION, "targets": self.entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            from .errors import GconvError
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise GconvError(f"cannot write the tune cache {self.path} ({exc.strerror or exc})") from None
-
-
 def wait_for_quiet(max_wait_s: float = 10.0, busy_cores: float = 0.15) -> float:
     """Wait (up to `max_wait_s`) until other processes use less than `busy_cores` cores; returns their load.
 
@@ -211,65 +108,3 @@ def _cpu_times() -> tuple[int, int]:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return sum(values) - idle, sum(values)
-
-
-@dataclass
-class TuneEntry:
-    """One distinct conv geometry of a model, as measured (or found in the cache)."""
-
-    probe: str
-    nodes: list[str]  # the candidates with this geometry
-    times_ms: dict[str, float | None]
-    best: str
-    cached: bool
-    notes: dict[str, str] = field(default_factory=dict)
-
-    def line(self) -> str:
-        """The node(s), then each form's time and the fastest, wrapped to 80 columns."""
-        times = ", ".join(f"{f} {self.times_ms[f]:.3f}" for f in FORMS if self.times_ms.get(f) is not None)
-        where = self.nodes[0] + (f" (+{len(self.nodes) - 1} more)" if len(self.nodes) > 1 else "")
-        native = self.times_ms.get("native")
-        gain = f" ({native / self.times_ms[self.best]:.2f}x native)" if native and self.best != "native" else ""
-        head = tail(where, 70) + (" [cached]" if self.cached else "")
-        return head + "\n" + textwrap.fill(f"measured ms: {times} -> {self.best}{gain}", 80, initial_indent="    ",
-                                           subsequent_indent="      ")
-
-
-@dataclass
-class TuneReport:
-    """What `tune` measured: per distinct geometry, every form's time on the target."""
-
-    target: str
-    cache: str
-    entries: list[TuneEntry] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # candidates without a static geometry
-
-    def lines(self) -> list[str]:
-        """The terminal report: one line per geometry, a summary, the cache file."""
-        lines = [e.line() for e in self.entries]
-        measured = sum(not e.cached for e in self.entries)
-        wins = {f: sum(e.best == f for e in self.entries) for f in FORMS}
-        summary = (f"{len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'}: "
-                   f"{measured} measured, {len(self.entries) - measured} from the cache")
-        if self.entries:
-            summary += "; fastest: " + ", ".join(f"{f} {n}" for f, n in wins.items() if n)
-        lines.append(summary)
-        lines.append(textwrap.fill(f"on: {self.target}", 80, subsequent_indent="  "))
-        if self.skipped:
-            lines.append(textwrap.fill(f"not tuned (spatial size not static; give it with --input-shape): "
-                                       f"{', '.join(self.skipped)}", 80, subsequent_indent="  "))
-        lines.append(f"cache: {self.cache}")
-        return lines
-
-    def summary(self) -> str:
-        """One line for the main command's report after --tune."""
-        measured = sum(not e.cached for e in self.entries)
-        text = (f"tuned {len(self.entries)} geometr{'y' if len(self.entries) == 1 else 'ies'} "
-                f"({measured} measured, {len(self.entries) - measured} cached)")
-        if self.skipped:
-            text += f"; {len(self.skipped)} not tuned (spatial size not static)"
-        return text
-
-    def to_dict(self) -> dict:
-        """Plain data, as `tune --json` prints it (schema gconv-rewrite/tune-report, docs/reports.md)."""
-        return {"schema": "gconv-rewrite/tune-report", "version": 1} | asdict(self)

@@ -21,6 +21,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import model_io, runtime
 from .errors import GconvError
+from .graph import _inferred_value_infos
+from .wording import VERIFY_REPORT, schema
 
 DEFAULT_BATCH = 2
 # Largest error allowed relative to the reference output's magnitude (max |ref|), by dtype.
@@ -143,7 +145,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/verify-report, docs/reports.md)."""
-        return {"schema": "gconv-rewrite/verify-report", "version": 1} | asdict(self) | {"passed": self.passed}
+        return schema(VERIFY_REPORT) | asdict(self) | {"passed": self.passed}
 
 
 def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, provider: str = "auto", *,
@@ -326,7 +328,6 @@ def float32_twin(model: ModelProto) -> ModelProto:
 
 def first_divergence(a: ModelProto, b: ModelProto, feed, choice, tolerance) -> Divergence | None:
     """Mark every value both models compute as an output and find the first (in A's order) that differs."""
-    from .graph import _inferred_value_infos
     infos_a, infos_b = _inferred_value_infos(a), _inferred_value_infos(b)
     produced_b = {o: n for n in b.graph.node for o in n.output}
     order = [(n, o) for n in a.graph.node for o in n.output

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import gconv_rewrite as gr
-from gconv_rewrite import cost, geometry, lowering, runtime, tuning
+from gconv_rewrite import cost, cost_fit, geometry, lowering, runtime, tune_cache
 from gconv_rewrite.rewrite import rewrite_model
 from gconv_rewrite.samples import grouped_conv_model
 
@@ -62,7 +62,7 @@ def test_probe_forms_are_exact_and_written_by_the_rewriter():
 
 
 def test_fit_learns_where_split_wins_and_refuses_small_gains():
-    profile = cost.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
+    profile = cost_fit.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
     big = profile.choose(probe(cin=128, cout=128, g=16, size=20, k=5), current_device="test device")  # Cig=8, k=5
     small = profile.choose(probe(cin=64, cout=64, g=16, size=20, k=1), current_device="test device")
     assert big.form == "split" and big.basis == "calibrated"
@@ -71,14 +71,14 @@ def test_fit_learns_where_split_wins_and_refuses_small_gains():
     assert small.form == "native"
     # a predicted gain below the margin keeps native, and says so
     rows = [(p, dict(t, split=t["native"] * 0.97)) for p, t in synthetic_rows()]
-    close = cost.fit(rows, "cpu", "test device", "0", block=16).choose(probe(cin=128, cout=128, g=16, size=20, k=5))
+    close = cost_fit.fit(rows, "cpu", "test device", "0", block=16).choose(probe(cin=128, cout=128, g=16, size=20, k=5))
     assert close.form == "native" and close.why.startswith("native kept: split predicted only 1.03x faster")
     # a form the caller cannot write is never chosen
     assert profile.choose(probe(cin=128, cout=128, g=16, size=20, k=5), available=("native", "dw")).form == "native"
 
 
 def test_profile_round_trips_and_other_devices_get_the_prior(tmp_path):
-    profile = cost.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
+    profile = cost_fit.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
     path = tmp_path / "p.json"
     profile.save(str(path))
     again = cost.Profile.from_dict(json.loads(path.read_text()))
@@ -108,9 +108,9 @@ def test_shipped_cpu_profile_and_the_cuda_prior():
 def test_reports_that_rely_on_the_cuda_prior_say_uncalibrated():
     """Planning for CUDA (no calibration yet): every row and the summary say the numbers are a prior."""
     from gconv_rewrite import model_io
-    from gconv_rewrite.rewrite import RewriteResult
+    from gconv_rewrite.report import RewriteResult
     model, info = model_io.load(MODELS / "resnext_emulated_tf.onnx")
-    planner = cost.Planner("cuda", tuning.TuneCache(None, read=False))
+    planner = cost.Planner("cuda")
     decisions = rewrite_model(model, "auto", None, info.value_infos, planner)
     result = RewriteResult(model, decisions, "auto", info, provider="cuda", planner=planner.describe())
     assert [d.action for d in decisions] == ["fused", "fused"]  # the emulations still become one Conv
@@ -123,7 +123,7 @@ def _forced_profile(winner: str) -> cost.Profile:
     """A calibrated profile, for this device, in which `winner` is 2x faster than native everywhere."""
     rows = [(p, {f: t["native"] * (0.5 if f == winner else 3.0) if f != "native" else t["native"] for f in t})
             for p, t in synthetic_rows()]
-    return cost.fit(rows, "cpu", runtime.device_name("cpu"), runtime.ort_version(), block=runtime.nchwc_block())
+    return cost_fit.fit(rows, "cpu", runtime.device_name("cpu"), runtime.ort_version(), block=runtime.nchwc_block())
 
 
 @pytest.mark.parametrize("winner", ["split", "dense"])
@@ -132,7 +132,7 @@ def test_auto_writes_the_predicted_winner_and_it_is_exact(winner):
                                 batch=1)
     model = onnx.ModelProto()
     model.CopyFrom(sample.model)
-    planner = cost.Planner("cpu", tuning.TuneCache(), profile=_forced_profile(winner))
+    planner = tune_cache.cached_planner("cpu", profile=_forced_profile(winner))
     (d,) = rewrite_model(model, "auto", planner=planner)
     assert d.action == "converted" and d.form == winner and d.prediction.form == winner
     assert f"{winner} predicted" in d.reason
@@ -145,11 +145,11 @@ def test_auto_keeps_an_emulation_predicted_fastest_and_fuses_otherwise():
     sample = grouped_conv_model("nchw_reducesum", in_channels=32, out_channels=32, groups=4, spatial=(12, 12), batch=1)
     model = onnx.ModelProto()
     model.CopyFrom(sample.model)
-    (d,) = rewrite_model(model, "auto", planner=cost.Planner("cpu", tuning.TuneCache(), profile=_forced_profile("dw")))
+    (d,) = rewrite_model(model, "auto", planner=tune_cache.cached_planner("cpu", profile=_forced_profile("dw")))
     assert d.action == "kept" and d.form == "dw" and "dw predicted" in d.reason
     assert model.SerializeToString() == sample.model.SerializeToString()
-    (d,) = rewrite_model(model, "auto", planner=cost.Planner("cpu", tuning.TuneCache(),
-                                                             profile=_forced_profile("native")))
+    (d,) = rewrite_model(model, "auto", planner=tune_cache.cached_planner("cpu",
+                                                                                 profile=_forced_profile("native")))
     assert d.action == "fused" and d.form == "native"
 
 
@@ -220,7 +220,7 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
     assert (refit.device, refit.block, refit.ort_version) == (shipped.device, shipped.block, shipped.ort_version)
     # Coefficients of collinear terms (Cig == Cog on most rows) differ between BLAS builds at 1e-5; the
     # predictions they make do not: compare what the profile is used for, on every measured geometry.
-    for p, _ in cost.read_measurements(str(ROOT / "benchmarks" / "data" / "cpu_calibration.csv")):
+    for p, _ in cost_fit.read_measurements(str(ROOT / "benchmarks" / "data" / "cpu_calibration.csv")):
         assert refit.native_ms(p) == pytest.approx(shipped.native_ms(p), rel=1e-9)
 
 
@@ -266,7 +266,7 @@ def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
     assert gr.inspect(model, "cpu", cache=str(foreign)).warnings == [warning]
     # a file of the right version whose entries are damaged: also a warning, not a KeyError
     damaged = tmp_path / "damaged.json"
-    damaged.write_text(json.dumps({"version": tuning.CACHE_VERSION, "targets": {"t": {"p": {"bad": 1}}}}))
+    damaged.write_text(json.dumps({"version": tune_cache.CACHE_VERSION, "targets": {"t": {"p": {"bad": 1}}}}))
     assert "malformed entries" in gr.inspect(model, "cpu", cache=str(damaged)).warnings[0]
 
 
