@@ -81,15 +81,16 @@ def features(p: Probe, block: int) -> list[float]:
 
 
 def native_terms(p: Probe) -> list[float]:
+    """The terms of the native power law (NATIVE_TERMS, in log space) for `p`; cost_fit fits on them."""
     out = p.batch * math.prod(p.output_spatial())
-    macs = out * p.c_out * p.cig * math.prod(p.kernel)
     # A stride reads stride-area times the input per output: 24%/29% -> 20%/19% median fit error.
-    return [1.0, math.log(macs), math.log(p.cig), math.log(p.cog), math.log(math.prod(p.kernel)), math.log(out),
+    return [1.0, math.log(macs(p)), math.log(p.cig), math.log(p.cog), math.log(math.prod(p.kernel)), math.log(out),
             math.log(p.group), math.log(math.prod(p.strides))]
 
 
 def macs(p: Probe) -> int:
-    return p.batch * math.prod(p.output_spatial()) * p.c_out * p.cig * math.prod(p.kernel)
+    """Multiply-accumulates of the whole batch."""
+    return p.batch * p.macs_per_image()
 
 
 @dataclass
@@ -232,7 +233,7 @@ def work(p: Probe) -> dict[str, tuple[int, float, float]]:
     out = p.batch * math.prod(p.output_spatial())
     x_bytes = p.batch * p.c_in * math.prod(p.spatial) * item
     y_bytes = out * p.c_out * item
-    inter = p.batch * p.c_in * p.cog * math.prod(p.output_spatial()) * item  # Cig x the output
+    inter = p.intermediate_bytes()  # Cig x the output
     flops = 2.0 * macs(p)
     return {"native": (1, flops, x_bytes + y_bytes),
             "dw": (2, flops, x_bytes + 2 * inter + y_bytes),  # Reshapes move nothing
