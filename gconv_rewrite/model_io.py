@@ -126,10 +126,41 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
                 raise GconvError(f"{path}: cannot read external data ({_first_line(exc)})") from None
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
+    check_strings(model, path or "model")
     _check_versions(model, path or "model")
     infos = validate(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external,
                             value_infos=infos, weight_bytes=sum(tensor_nbytes(t) for t in model.graph.initializer))
+
+
+def check_strings(message, label: str = "model") -> None:
+    """Every string field must be UTF-8: protobuf parses a damaged name without complaint and fails only when it is
+    read, deep in the work. Walks messages and string fields only (never copies a tensor's bytes)."""
+    try:
+        _walk_strings(message)
+    except UnicodeDecodeError as exc:
+        raise GconvError(f"{label}: not a valid ONNX model (a name or string is not UTF-8 at byte {exc.start}: "
+                         "a damaged file?)") from None
+
+
+def _repeated(fd) -> bool:
+    """protobuf 7 has FieldDescriptor.is_repeated; older ones only `label`."""
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
+def _walk_strings(message) -> None:
+    for fd in message.DESCRIPTOR.fields:
+        if fd.type == fd.TYPE_STRING:  # protobuf hands back bytes (or raises) where the UTF-8 is broken
+            values = getattr(message, fd.name)
+            for value in values if _repeated(fd) else (values,):
+                if isinstance(value, bytes):
+                    value.decode()  # raises UnicodeDecodeError, with the position
+        elif fd.type == fd.TYPE_MESSAGE:
+            if _repeated(fd):
+                for item in getattr(message, fd.name):
+                    _walk_strings(item)
+            elif message.HasField(fd.name):
+                _walk_strings(getattr(message, fd.name))
 
 
 def check_writable(path: str | os.PathLike) -> None:
