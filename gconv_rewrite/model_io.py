@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Iterator
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto
 
 from .errors import GconvError
 
-ModelSource = ModelProto | str | os.PathLike
+# A path, a ModelProto, or an onnx-graphsurgeon Graph (how TensorRT pipelines hold their models).
+ModelSource = ModelProto | gs.Graph | str | os.PathLike
 _TWO_GB = 2**31 - 1
 
 
@@ -93,6 +95,8 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
     weights=False leaves external data on disk (locations still checked): enough to read the
     graph, for example to hand the path to onnxruntime.
     """
+    if isinstance(src, gs.Graph):
+        src = from_graphsurgeon(src)
     if isinstance(src, ModelProto):
         model = ModelProto()
         model.CopyFrom(src)
@@ -131,6 +135,21 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
     infos = validate(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external,
                             value_infos=infos, weight_bytes=sum(tensor_nbytes(t) for t in model.graph.initializer))
+
+
+def from_graphsurgeon(graph: gs.Graph) -> ModelProto:
+    """A graphsurgeon Graph as a ModelProto, by graphsurgeon's own exporter (which keeps its IR version and opsets);
+    the Graph is not changed."""
+    try:
+        return gs.export_onnx(graph)
+    except Exception as exc:  # e.g. a graph input or output without a dtype
+        raise GconvError(f"cannot export the onnx-graphsurgeon Graph ({type(exc).__name__}: {_first_line(exc)})") \
+            from None
+
+
+def to_graphsurgeon(model: ModelProto) -> gs.Graph:
+    """A ModelProto as a graphsurgeon Graph, by graphsurgeon's own importer."""
+    return gs.import_onnx(model)
 
 
 def check_strings(message, label: str = "model") -> None:
