@@ -81,6 +81,11 @@ class RewriteResult:
     warnings: list[str] = field(default_factory=list)  # e.g. an unreadable tune cache
 
     @property
+    def graph(self):
+        """The rewritten model as an onnx-graphsurgeon Graph (for pipelines that hold their models as one)."""
+        return model_io.to_graphsurgeon(self.model)
+
+    @property
     def changed(self) -> bool:
         """True when any candidate was rewritten (and not reverted)."""
         return any(d.action in ("expanded", "fused", "converted") for d in self.decisions)

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import model_io, runtime
@@ -491,6 +492,8 @@ def _unresolved(name: str, dims, batch: int) -> str:
 
 def _as_model(src: model_io.ModelSource) -> tuple[ModelProto, str | None]:
     """The model, and its path when onnxruntime can load it from there directly (no temporary copy)."""
+    if isinstance(src, gs.Graph):
+        return model_io.from_graphsurgeon(src), None
     if isinstance(src, ModelProto):
         return src, None
     return model_io.load(src, weights=False)[0], os.fspath(src)
