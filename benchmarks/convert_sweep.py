@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from gconv_rewrite import calibration, tuning
+from gconv_rewrite import calibration, geometry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SWEEP = os.path.join(HERE, "..", "..", "shared", "calib", "cpu_sweep_nospin.csv")
@@ -28,10 +28,10 @@ MACHINE = {"device": "AMD EPYC (family 26 model 2) AVX-512, 2 threads", "block":
            "origin": "../shared/calib/cpu_sweep_nospin.csv (sweep.py --pool session), converted"}
 
 
-def sweep_probe(row: dict) -> tuning.Probe:
+def sweep_probe(row: dict) -> geometry.Probe:
     """The Probe of one sweep row (pads k//2, dilation 1, float32)."""
     k, s, size = int(row["k"]), int(row["stride"]), (int(row["H"]), int(row["W"]))
-    return tuning.Probe(int(row["C"]), int(row["Co"]), int(row["G"]), size, (k, k), (s, s), (1, 1), (k // 2,) * 4,
+    return geometry.Probe(int(row["C"]), int(row["Co"]), int(row["G"]), size, (k, k), (s, s), (1, 1), (k // 2,) * 4,
                         "NOTSET", "float32", int(row["N"]))
 
 
@@ -50,7 +50,7 @@ def convert(sweep: str, out: str) -> tuple[int, int]:
             if p.key() in excluded:
                 dropped += 1
                 continue
-            times = [float(row[f"t_{form}_ms"]) for form in tuning.FORMS]
+            times = [float(row[f"t_{form}_ms"]) for form in geometry.FORMS]
             w.writerow([p.key()] + ["nan" if math.isnan(t) else f"{t:.5f}" for t in times] + ["", "converted sweep"])
             written += 1
     with open(calibration.machine_path(out), "w") as f:

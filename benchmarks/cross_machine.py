@@ -26,16 +26,16 @@ import random
 
 import numpy as np
 
-from gconv_rewrite import calibration, cost, tuning
+from gconv_rewrite import calibration, cost, cost_fit, geometry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
-FORMS = tuning.FORMS
+FORMS = geometry.FORMS
 
 
-def rows_of(path: str) -> list[tuple[tuning.Probe, dict[str, float]]]:
+def rows_of(path: str) -> list[tuple[geometry.Probe, dict[str, float]]]:
     """(probe, measured ms per form) of a calibration or cost-accuracy CSV; forms not measured left out."""
-    return [(p, {f: t for f, t in times.items() if not math.isnan(t)}) for p, times in cost.read_measurements(path)
+    return [(p, {f: t for f, t in times.items() if not math.isnan(t)}) for p, times in cost_fit.read_measurements(path)
             if not math.isnan(times["native"])]
 
 
@@ -58,7 +58,7 @@ def native(p, t) -> str:
 def cross_validated(path: str, folds: int = 5) -> dict:
     """Within one machine: fit on 4/5 of its grid, judge on the held fold; pooled over the folds."""
     machine = calibration.read_machine(path)
-    raw = [(p, t) for p, t in cost.read_measurements(path) if not math.isnan(t["native"])]
+    raw = [(p, t) for p, t in cost_fit.read_measurements(path) if not math.isnan(t["native"])]
     rows = rows_of(path)
     order = list(range(len(rows)))
     random.Random(0).shuffle(order)
@@ -67,7 +67,7 @@ def cross_validated(path: str, folds: int = 5) -> dict:
         test = [rows[i] for i in order[k::folds]]
         held = set(order[k::folds])
         train = [raw[i] for i in order if i not in held]
-        prof = cost.fit(train, "cpu", machine["device"], machine["ort_version"], machine["block"])
+        prof = cost_fit.fit(train, "cpu", machine["device"], machine["ort_version"], machine["block"])
         pick = profile_picker(prof)
         pooled += [t[pick(p, t)] / min(t.values()) for p, t in test]
     r = np.array(pooled)

@@ -37,12 +37,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import cost_accuracy  # noqa: E402
-from gconv_rewrite import basis, cost, runtime, tuning  # noqa: E402
+from gconv_rewrite import basis, cost, geometry, runtime, tuning  # noqa: E402
 
-FORMS = tuning.FORMS
+FORMS = geometry.FORMS
 
 
-def layers_model(probes: list[tuning.Probe], seed: int = 0) -> onnx.ModelProto:
+def layers_model(probes: list[geometry.Probe], seed: int = 0) -> onnx.ModelProto:
     """One model with every probe's grouped Conv side by side: input x{i} -> Conv -> output y{i}."""
     rng = np.random.default_rng(seed)
     nodes, inputs, outputs, inits = [], [], [], []
@@ -59,9 +59,9 @@ def layers_model(probes: list[tuning.Probe], seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def networks() -> dict[tuple[str, int], list[tuning.Probe]]:
+def networks() -> dict[tuple[str, int], list[geometry.Probe]]:
     """The held-out geometries grouped by (network, batch), as cost_accuracy.held_out() assigns them."""
-    groups: dict[tuple[str, int], list[tuning.Probe]] = {}
+    groups: dict[tuple[str, int], list[geometry.Probe]] = {}
     for name, p in cost_accuracy.held_out():
         groups.setdefault((name, p.batch), []).append(p)
     return groups

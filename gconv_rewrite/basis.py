@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import runtime, tuning
+from . import runtime, tune_cache
 from .cost import _PROFILES, Profile, load_profile
 from .errors import GconvError
 
@@ -60,7 +60,7 @@ class Basis:
 
 def calibration_dir() -> str:
     """Where `gconv-rewrite calibrate` keeps its files: beside the tune cache (so $GCONV_REWRITE_CACHE moves both)."""
-    return os.path.join(os.path.dirname(os.path.abspath(tuning.cache_path())), "calibration")
+    return os.path.join(os.path.dirname(os.path.abspath(tune_cache.cache_path())), "calibration")
 
 
 def user_paths(provider: str, device: str) -> tuple[str, str]:

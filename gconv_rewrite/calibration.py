@@ -18,14 +18,16 @@ import time
 from dataclasses import asdict, dataclass
 
 from . import basis, runtime, tuning
-from .cost import Profile, fit, read_measurements
+from .cost import Profile
+from .cost_fit import fit, read_measurements
+from .geometry import FORMS, Probe
 from .errors import GconvError
 
-CSV_HEADER = ["probe"] + [f"t_{form}_ms" for form in tuning.FORMS] + ["background_cores", "notes"]
+CSV_HEADER = ["probe"] + [f"t_{form}_ms" for form in FORMS] + ["background_cores", "notes"]
 MIN_ROWS = 40  # fewer measured geometries fit no usable profile (two power laws of 8 terms, neighbours)
 
 
-def grid(count: int, seed: int = 0, exclude=frozenset()) -> list[tuning.Probe]:
+def grid(count: int, seed: int = 0, exclude=frozenset()) -> list[Probe]:
     """`count` distinct random geometries: C_in 32..1024, Cig 2..64 (multiples of the NCHWc block and not),
     Cog = Cig, Cig/2, 2 Cig or 1, spatial 7..112, kernel 1/3/5, stride 1/2, batch 1/8; none in `exclude`."""
     rng = random.Random(seed)
@@ -44,7 +46,7 @@ def grid(count: int, seed: int = 0, exclude=frozenset()) -> list[tuning.Probe]:
         elements = c_in * size * size
         if not 20_000 <= elements <= 1_700_000 or batch * g * cog * cig * k * k * size * size / stride**2 > 4e9:
             continue  # outside what ResNeXt-like layers look like, or a native conv over 4 GMAC
-        p = tuning.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
+        p = Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
                          "float32", batch)
         if p.key() not in seen:
             seen.add(p.key())
@@ -52,7 +54,7 @@ def grid(count: int, seed: int = 0, exclude=frozenset()) -> list[tuning.Probe]:
     return probes
 
 
-def model_like_grid(count: int, seed: int = 1, exclude=frozenset()) -> list[tuning.Probe]:
+def model_like_grid(count: int, seed: int = 1, exclude=frozenset()) -> list[Probe]:
     """`count` geometries shaped like ResNeXt/RegNet 3x3 layers (group width 8..64, 2..40 groups, batch 1/8,
     stride 1/2): where split wins on few wide groups at batch 8, which the random grid hardly samples."""
     rng = random.Random(seed)
@@ -64,7 +66,7 @@ def model_like_grid(count: int, seed: int = 1, exclude=frozenset()) -> list[tuni
         if not 20_000 <= g * cig * size * size <= 1_700_000:
             continue
         stride = rng.choice([1, 2])
-        p = tuning.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
+        p = Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
                          (1, 1, 1, 1), "NOTSET", "float32", rng.choice([1, 8]))
         if p.key() not in seen:
             seen.add(p.key())
@@ -72,7 +74,7 @@ def model_like_grid(count: int, seed: int = 1, exclude=frozenset()) -> list[tuni
     return probes
 
 
-def quick_grid(count: int) -> list[tuning.Probe]:
+def quick_grid(count: int) -> list[Probe]:
     """The command's grid: 3/4 random, 1/4 model-like, interleaved so that a run cut short still covers both."""
     wide, like = grid(count - count // 4), model_like_grid(count // 4, exclude={p.key() for p in grid(420)})
     merged = []
@@ -117,7 +119,7 @@ def measured_keys(csv_path: str) -> set[str]:
         return set()
 
 
-def measure_into(csv_path: str, probes: list[tuning.Probe], choice: runtime.ProviderChoice, rounds: int = 9,
+def measure_into(csv_path: str, probes: list[Probe], choice: runtime.ProviderChoice, rounds: int = 9,
                  progress=None, deadline: float | None = None, log=None) -> int:
     """Measure the `probes` not yet in `csv_path` and append their rows; stop starting new ones after `deadline`
     (time.monotonic()). Returns how many were measured. The machine record must match the host's."""
@@ -142,7 +144,7 @@ def measure_into(csv_path: str, probes: list[tuning.Probe], choice: runtime.Prov
             m = tuning.measure(probe, choice, rounds=rounds)
             notes = "; ".join(f"{k}: {v}" for k, v in m.notes.items())
             out.writerow([probe.key()] + ["nan" if m.times_ms[form] is None else f"{m.times_ms[form]:.5f}"
-                                          for form in tuning.FORMS] + [f"{load:.2f}", notes])
+                                          for form in FORMS] + [f"{load:.2f}", notes])
             f.flush()
             measured += 1
             if progress is not None:

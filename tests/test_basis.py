@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import gconv_rewrite as gr
-from gconv_rewrite import basis, calibration, cost, runtime, tuning
+from gconv_rewrite import basis, calibration, cost, cost_fit, geometry, runtime
 from gconv_rewrite.cli import main
 
 from conftest import MODELS, ROOT
@@ -73,7 +73,7 @@ def test_the_profiles_own_machine_is_calibrated_and_an_unknown_class_keeps_nativ
 
 def _user_profile(device: str, ort_version: str | None = None) -> str:
     """A fitted profile saved where `calibrate` keeps this device's calibration; returns its path."""
-    profile = cost.fit(synthetic_rows(), "cpu", device, ort_version or runtime.ort_version(), block=16)
+    profile = cost_fit.fit(synthetic_rows(), "cpu", device, ort_version or runtime.ort_version(), block=16)
     path = basis.user_paths("cpu", device)[1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     profile.save(path)
@@ -150,7 +150,7 @@ def test_calibrate_resumes_fits_and_is_used_from_then_on(test_cpu):
         out = csv.writer(f)
         out.writerow(calibration.CSV_HEADER)
         for p, t in synthetic_rows():
-            out.writerow([p.key()] + [f"{t[form]:.6f}" for form in tuning.FORMS] + ["0.00", ""])
+            out.writerow([p.key()] + [f"{t[form]:.6f}" for form in geometry.FORMS] + ["0.00", ""])
     with open(calibration.machine_path(csv_path), "w") as f:
         json.dump(calibration.machine_record(runtime.choose_provider("cpu")), f)
     report = calibration.calibrate("cpu", count=1, rounds=3)
@@ -174,10 +174,10 @@ def test_the_zen5_profile_is_reproducible_from_its_converted_measurements(csv_na
     refit, shipped = calibration.fit_csv(path, "cpu"), cost.load_profile(profile_name)
     np.testing.assert_allclose(np.array(refit.points), np.array(shipped.points), atol=1e-5)  # nan == nan
     assert (refit.device, refit.block, refit.ort_version) == (shipped.device, shipped.block, shipped.ort_version)
-    for p, _ in cost.read_measurements(path)[::25]:
+    for p, _ in cost_fit.read_measurements(path)[::25]:
         assert refit.native_ms(p) == pytest.approx(shipped.native_ms(p), rel=1e-9)
     held_out = {line.split(",")[1] for line in open(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv")}
-    assert not held_out & {p.key() for p, _ in cost.read_measurements(path)}  # nothing held out is fitted on
+    assert not held_out & {p.key() for p, _ in cost_fit.read_measurements(path)}  # nothing held out is fitted on
 
 
 def test_an_unusable_tune_cache_is_a_warning_and_the_profile_decides(test_cpu):
