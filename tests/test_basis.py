@@ -187,3 +187,22 @@ def test_an_unusable_tune_cache_is_a_warning_and_the_profile_decides(test_cpu):
     assert result.tuning is None and all(d.prediction.basis == "similar" for d in result.decisions)
     assert any(w.startswith("not tuned first (tune cache") and "unreadable" in w for w in result.warnings)
     assert open(os.environ["GCONV_REWRITE_CACHE"], "rb").read() == b"\x00{not json"  # never overwritten
+
+
+def test_the_sweep_conversion_keeps_the_geometry_and_drops_held_out_rows(tmp_path):
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import convert_sweep
+    finally:
+        sys.path.pop(0)
+    sweep = tmp_path / "sweep.csv"
+    sweep.write_text("N,C,Co,G,Cig,H,W,k,stride,t_native_ms,t_dw_ms,t_dense_ms,t_split_ms,best\n"
+                     "8,64,32,16,4,28,28,5,2,1.5,3.0,nan,1.2,split\n"  # Co != C, a skipped form
+                     "1,128,128,32,4,56,56,3,1,1.3,8.0,8.4,2.5,native\n")  # ResNeXt-50's first conv: held out
+    out = tmp_path / "converted.csv"
+    assert convert_sweep.convert(str(sweep), str(out)) == (1, 1)
+    (p, t), = cost_fit.read_measurements(str(out))
+    assert p.key() == "float32 N8 Cin64 Cout32 G16 in28x28 k5x5 s2x2 d1x1 p2x2x2x2" and p.output_spatial() == (14, 14)
+    assert t["split"] == 1.2 and t["dense"] != t["dense"]  # columns by name, nan kept
+    assert calibration.read_machine(str(out))["block"] == 16
