@@ -13,14 +13,16 @@ from . import api
 from .errors import GconvError
 from .model_io import check_writable
 from .rewrite import DIRECTIONS, FORMS, Decision
-from .runtime import PROVIDERS
+from .runtime import PROVIDERS, stdout_for_one_document
+
+_DOCUMENT = []  # while a --json command runs: the stream reserved for its JSON (see _json_only)
 
 
 def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
     """click.echo that survives a closed pipe (`... | head`): the rest of the output is dropped,
-    the work (and the output file) is not."""
+    the work (and the output file) is not. Under --json, stdout text goes to the reserved stream."""
     try:
-        click.echo(text, err=err, nl=nl)
+        click.echo(text, err=err, nl=nl, file=_DOCUMENT[-1] if _DOCUMENT and not err else None)
     except BrokenPipeError:
         stream = sys.stderr if err else sys.stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
@@ -165,8 +167,9 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
         raise click.UsageError("-q and -v exclude each other")
     if form is not None and direction != "auto":
         raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
-    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
-                            report_path, as_json, quiet, verbose, tune_first, cache))
+    _guard(_json_only(as_json, lambda: _rewrite(model, output, direction, form, no_verify, force, in_place,
+                                                verify_options, report_path, as_json, quiet, verbose, tune_first,
+                                                cache)))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
@@ -279,7 +282,7 @@ def inspect_cmd(model, as_json, provider, cache, input_shapes):
     def run():
         _announce_load(model, as_json)
         _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes), as_json)
-    _guard(run)
+    _guard(_json_only(as_json, run))
 
 
 @main.command("tune")
@@ -302,7 +305,7 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
                                input_shapes=input_shapes, progress=_progress("tuning", as_json)), as_json)
-    _guard(run)
+    _guard(_json_only(as_json, run))
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -341,7 +344,22 @@ def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_optio
                 _echo(line)
         if not report.passed:
             sys.exit(1)
-    _guard(run)
+    _guard(_json_only(as_json, run))
+
+
+def _json_only(as_json: bool, fn):
+    """--json: stdout carries the JSON document only; whatever libraries print goes to stderr."""
+    if not as_json:
+        return fn
+
+    def run():
+        with stdout_for_one_document() as document:
+            _DOCUMENT.append(document)
+            try:
+                fn()
+            finally:
+                _DOCUMENT.pop()
+    return run
 
 
 def _guard(fn):

@@ -159,7 +159,7 @@ def measure(probe: Probe, choice: runtime.ProviderChoice, forms=FORMS, rounds: i
         if form == "dw" and probe.intermediate_bytes() > max_intermediate_bytes:
             result.notes[form] = f"intermediate of {probe.intermediate_bytes() / 2**20:.0f} MiB not built"
             continue
-        sess = runtime.session(models[form], choice, label=f"the {form} probe")
+        sess = runtime.session(models[form], choice, purpose="timing", label=f"the {form} probe")
         run = runtime.Runner(sess, feed, choice)
         run()  # plans, allocations
         start = time.perf_counter()
@@ -196,7 +196,8 @@ def cache_path() -> str:
 def target_key(provider: runtime.ProviderChoice | str) -> str:
     """What a measurement depends on besides the geometry: device, provider, onnxruntime version."""
     name = provider if isinstance(provider, str) else provider.name
-    return f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
+    key = f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
+    return key + f" | {runtime.settings_text('timing')}" if name == "cuda" else key
 
 
 def _well_formed(targets) -> bool:

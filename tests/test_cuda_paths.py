@@ -1,0 +1,208 @@
+"""The CUDA paths, exercised without a GPU (issue 17): onnxruntime's silent fallback to CPU is
+simulated through its own Python wrapper, library prints through real file descriptors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnxruntime.capi import onnxruntime_inference_collection as collection
+from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+import gconv_rewrite as gr
+from gconv_rewrite import runtime
+from gconv_rewrite.cli import main
+from gconv_rewrite.errors import GconvError
+from gconv_rewrite.samples import resnext_block_model
+
+from conftest import MODELS, ROOT
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="")
+
+
+class _FailingRuns:
+    """A real CPU session whose run() raises EPFail, as the CUDA provider does when the cuDNN
+    frontend cannot be initialised; everything else is the real session."""
+
+    def __init__(self, sess):
+        self._real = sess
+
+    def run(self, *args):
+        raise state.EPFail("Failed to initialize CUDNN Frontend")
+
+    run_with_iobinding = run
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _wants_cuda(providers) -> bool:
+    return any((p[0] if isinstance(p, tuple) else p) == CUDA for p in providers or [])
+
+
+@pytest.fixture
+def simulated_cuda(monkeypatch):
+    """CUDA 'works' here: sessions asked for CUDA are real CPU sessions that claim CUDA and whose
+    runs fail with EPFail. onnxruntime's own wrapper (its fallback code included) runs unchanged."""
+    original = collection.InferenceSession._create_inference_session
+
+    def create(self, providers, provider_options, disabled_optimizers=None):
+        original(self, [CPU], None, disabled_optimizers)
+        if _wants_cuda(providers):
+            self._providers = [CUDA, CPU]
+            self._sess = _FailingRuns(self._sess)
+
+    monkeypatch.setattr(collection.InferenceSession, "_create_inference_session", create)
+    monkeypatch.setattr(runtime, "_cuda_problem", lambda: "")
+
+
+@pytest.fixture
+def model_pair():
+    model = resnext_block_model("native", num_blocks=1, image=14, batch=1)
+    return model, gr.rewrite(model, "expand", verify_result=False).model
+
+
+def test_the_simulation_reproduces_onnxruntimes_silent_fallback(simulated_cuda, model_pair, capsys):
+    """Control: left to its defaults, onnxruntime 1.31.1 answers a CUDA failure with CPU numbers."""
+    model, _ = model_pair
+    sess = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
+    assert sess.get_providers() == [CUDA, CPU]
+    feed = gr.verify.__globals__["generate_inputs"](model, {}, 0)
+    out = sess.run(None, feed)
+    assert np.isfinite(out[0]).all() and sess.get_providers() == [CPU]
+    assert "Falling back to ['CPUExecutionProvider']" in capsys.readouterr().out
+
+
+def test_a_cuda_failure_while_running_is_an_error_never_cpu_numbers(simulated_cuda, model_pair, capsys):
+    model, expanded = model_pair
+    with pytest.raises(runtime.CudaFallbackError, match="CUDA provider failed running .*CUDNN Frontend.*not retried"):
+        gr.verify(model, expanded, "cuda", latency=False)
+    assert "Falling back" not in capsys.readouterr().out
+
+
+def test_the_cli_says_so_in_one_line(simulated_cuda, model_pair, tmp_path):
+    paths = []
+    for name, m in zip("ab", model_pair):
+        paths.append(str(tmp_path / f"{name}.onnx"))
+        with open(paths[-1], "wb") as f:
+            f.write(m.SerializeToString())
+    result = CliRunner().invoke(main, ["verify", *paths, "--provider", "cuda", "--no-latency"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "CUDA provider failed running" in result.output
+
+
+def test_a_failure_at_creation_is_an_error_never_a_cpu_session(monkeypatch, model_pair, capsys):
+    original = collection.InferenceSession._create_inference_session
+
+    def create(self, providers, provider_options, disabled_optimizers=None):
+        if _wants_cuda(providers):
+            self._fallback_providers = [CPU]  # as the real method sets it before creating anything
+            raise RuntimeError("Failed to initialize CUDNN Frontend")
+        original(self, providers, provider_options, disabled_optimizers)
+
+    monkeypatch.setattr(collection.InferenceSession, "_create_inference_session", create)
+    model, _ = model_pair
+    plain = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])  # control: falls back
+    assert plain.get_providers() == [CPU] and "EP Error" in capsys.readouterr().out
+    choice = runtime.ProviderChoice("cuda", (CUDA, CPU), "simulated")
+    with pytest.raises(runtime.CudaFallbackError, match="CUDA provider cannot load the model: .*CUDNN Frontend"):
+        runtime.session(model, choice)
+    assert "EP Error" not in capsys.readouterr().out
+
+
+def test_a_cuda_provider_that_does_not_load_is_refused_at_creation(model_pair):
+    """Real onnxruntime on this CPU-only machine: CUDA's libraries are missing, so the C++ session
+    drops the provider (fallback disabled or not) and would run on CPU."""
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    choice = runtime.ProviderChoice("cuda", (CUDA, CPU), "asked for CUDA")
+    with pytest.raises(runtime.CudaFallbackError, match="not running the model \\(created with CPUExecutionProvider"):
+        runtime.session(model_pair[0], choice)
+
+
+def test_providers_are_checked_again_after_running(simulated_cuda, monkeypatch, model_pair):
+    """Defence in depth: were fallback still enabled (another onnxruntime), the run itself would
+    switch to CPU; the check after the run catches it."""
+    monkeypatch.setattr(runtime, "_new_session", lambda source, opts, providers: ort.InferenceSession(
+        source, opts, providers=providers))
+    model, expanded = model_pair
+    with pytest.raises(runtime.CudaFallbackError, match="not running the original model \\(after running with "
+                                                        "CPUExecutionProvider only\\)"):
+        gr.verify(model, expanded, "cuda", latency=False)
+
+
+def test_io_binding_needs_a_cuda_session(model_pair):
+    sess = runtime.session(model_pair[0], runtime.choose_provider("cpu"))
+    with pytest.raises(GconvError, match="IO binding on CUDA needs a CUDA session"):
+        runtime.Runner(sess, {}, runtime.ProviderChoice("cuda", (CUDA, CPU), "test"))
+
+
+# -- machine-readable output (item 3): real file descriptors, a subprocess each ---------------------
+
+_NOISY = """
+import os, sys
+from gconv_rewrite import runtime
+original = runtime._new_session
+def noisy(*args):
+    print("EP Error: simulated provider message")            # what onnxruntime's wrapper does
+    os.write(1, b"Failed to load libcublasLt.so.13 (native)\\n")  # what a native loader does
+    return original(*args)
+runtime._new_session = noisy
+from gconv_rewrite.cli import main
+sys.argv = ["gconv-rewrite"] + sys.argv[1:]
+main()
+"""
+
+
+def _noisy_cli(*args):
+    return subprocess.run([sys.executable, "-c", _NOISY, *map(str, args)], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["verify", "rewrite"])
+def test_json_stays_exactly_json_whatever_libraries_print(command, tmp_path):
+    model = MODELS / "resnext_emulated_tf.onnx"
+    args = ([command, model, model] if command == "verify" else [model, "-o", tmp_path / "out.onnx"])
+    done = _noisy_cli(*args, "--provider", "cpu", "--no-latency", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)  # the whole of stdout, nothing before or after
+    assert data["schema"] in ("gconv-rewrite/verify-report", "gconv-rewrite/rewrite-report")
+    assert "EP Error: simulated" in done.stderr and "libcublasLt" in done.stderr  # moved, not lost
+
+
+def test_the_cuda_probe_prints_nothing_even_into_a_buffered_file(tmp_path):
+    """print()s inside the quiet block must not surface later, when Python flushes its buffer."""
+    script = ("import os, sys\nfrom gconv_rewrite import runtime\n"
+              "with runtime._quiet_native_output():\n"
+              "    print('preload_dlls: Failed to load libcudnn.so.9')\n"
+              "    os.write(1, b'native stdout\\n'); os.write(2, b'native stderr\\n')\n"
+              "    print('to stderr', file=sys.stderr)\n"
+              "print('after')\n")
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as f:
+        done = subprocess.run([sys.executable, "-c", script], stdout=f, stderr=subprocess.PIPE, text=True, env=ENV,
+                              timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert out.read_text() == "after\n"
+
+
+def test_inspect_json_with_a_cuda_probe_that_prints(tmp_path):
+    """The issue's case: CUDA_VISIBLE_DEVICES set on a CPU-only machine, stdout a file."""
+    script = ("import os, sys\nfrom gconv_rewrite import runtime\n"
+              "def probe(ort):\n"
+              "    print('Failed to load libcublasLt.so.13'); os.write(1, b'native loader\\n')\n"
+              "    return 'simulated: no CUDA'\n"
+              "runtime._cuda_run_probe = probe\n"
+              "from gconv_rewrite.cli import main\nsys.argv = ['gconv-rewrite'] + sys.argv[1:]\nmain()\n")
+    out = tmp_path / "inspect.json"
+    env = dict(ENV, CUDA_VISIBLE_DEVICES="0")
+    with open(out, "w") as f:
+        done = subprocess.run([sys.executable, "-c", script, "inspect", MODELS / "resnext_emulated_tf.onnx", "--json"],
+                              stdout=f, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["provider"] == "cpu"
