@@ -29,9 +29,14 @@ DEFAULT_BATCH = 2
 # 7.1e-6 (the least visible of the 16 convs) to 3.4e-2 (median 4.1e-3). 3e-6 sits 10x above
 # the noise and 2.4x below the weakest mutation.
 RELATIVE_TOLERANCE = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 3e-6, "float64": 1e-10}
-# On CUDA, cuDNN's algorithm search picks different (Winograd, FFT) kernels per conv and form:
-# a wider, not yet measured float32 limit (uncalibrated until measured on a GPU).
-CUDA_FLOAT32_TOLERANCE = 2e-5
+# The least visible wrong model of that evidence (one swapped channel pair, grouped Conv 7): every
+# float32 limit must stay below it, or a known-wrong model passes.
+WEAKEST_MUTATION_FLOAT32 = 7.1e-6
+# On CUDA (parity sessions with TF32 off) the rounding noise of exact rewrites is not measured yet:
+# until it is, the CPU limit, 2.4x below the weakest mutation. A GPU whose noise exceeds it fails
+# parity loudly (exit 1) instead of passing a wrong model; measure it (benchmarks/parity_evidence.py
+# --provider cuda) before widening, and never to WEAKEST_MUTATION_FLOAT32 or above.
+CUDA_FLOAT32_TOLERANCE = 3e-6
 # float16 against a float32 twin: the rewritten model may be at most this much worse than the original.
 FP16_SLACK, FP16_FLOOR = 2.0, 1e-3
 # A latency difference is claimed only beyond this (relative), even when the spread is smaller.
