@@ -155,9 +155,11 @@ def _progress(label, quiet: bool = False):
               help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,
               help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@click.option("--device", default=None, metavar="GPU_MODEL",
+              help="With --provider cuda --no-verify: plan for this GPU model's shipped CUDA profile.")
 @_verify_options
 def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
-                tune_first, cache, **verify_options):
+                tune_first, cache, device, **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify.
 
     auto (the default) picks per node the form the cost model predicts fastest on the target
@@ -169,11 +171,11 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
         raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
     _guard(_json_only(as_json, lambda: _rewrite(model, output, direction, form, no_verify, force, in_place,
                                                 verify_options, report_path, as_json, quiet, verbose, tune_first,
-                                                cache)))
+                                                cache, device)))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
-             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None):
+             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None, device=None):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
@@ -182,7 +184,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
     _announce_load(model, quiet or as_json)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
-                         tune_progress=_progress("tuning", quiet or as_json), **kwargs)
+                         tune_progress=_progress("tuning", quiet or as_json), device=device, **kwargs)
     say = (lambda *a, **k: None) if as_json else _echo
     if verbose:
         for d in result.decisions:
@@ -276,12 +278,14 @@ def _write_json(path, data) -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
                      callback=lambda ctx, param, value: _parse_shapes(value),
               help="Give symbolic input dims a size for the predictions (repeatable).")
-def inspect_cmd(model, as_json, provider, cache, input_shapes):
+@click.option("--device", default=None, metavar="GPU_MODEL",
+              help="With --provider cuda: plan for this GPU model's shipped CUDA profile (e.g. 'NVIDIA H200').")
+def inspect_cmd(model, as_json, provider, cache, input_shapes, device):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes), as_json)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes, device=device), as_json)
     _guard(_json_only(as_json, run))
 
 

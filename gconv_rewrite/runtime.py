@@ -431,16 +431,66 @@ def nchwc_block() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _gpu_name() -> str:
-    root = "/proc/driver/nvidia/gpus"
+    """The GPU onnxruntime's CUDA provider runs on: CUDA device CUDA_DEVICE_ID, counted as CUDA counts
+    (CUDA_VISIBLE_DEVICES applied, fastest first unless CUDA_DEVICE_ORDER says otherwise; a MIG
+    instance by its own name), asked of the CUDA driver. Without the driver, /proc names the GPU
+    only when it lists exactly one that CUDA may see; otherwise the name is honestly unknown."""
+    name = _cuda_driver_device_name(CUDA_DEVICE_ID)
+    if name:
+        return name
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "unknown NVIDIA GPU (CUDA_VISIBLE_DEVICES hides every GPU)"
+    models = _proc_gpu_models()
+    if len(set(models)) == 1:
+        return models[0]  # one GPU, or several of one model: device 0 is that model either way
+    if models:
+        return f"unknown NVIDIA GPU (one of {len(models)}: {', '.join(sorted(set(models)))})"
+    return "unknown NVIDIA GPU"
+
+
+def _load_cuda_driver():
+    """libcuda (the CUDA driver API), or None where there is none."""
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _cuda_driver_device_name(ordinal: int) -> str:
+    """cuDeviceGetName of CUDA device `ordinal` ('' when the driver cannot say)."""
+    driver = _load_cuda_driver()
+    if driver is None:
+        return ""
+    try:
+        device, count = ctypes.c_int(), ctypes.c_int()
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= ordinal:
+            return ""
+        if driver.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
+            return ""
+        buffer = ctypes.create_string_buffer(256)
+        if driver.cuDeviceGetName(buffer, len(buffer), device) != 0:
+            return ""
+        return buffer.value.decode(errors="replace").strip()
+    except (AttributeError, OSError, ValueError):
+        return ""
+
+
+def _proc_gpu_models() -> list[str]:
+    """GPU models listed by the NVIDIA kernel driver, in PCI order (not CUDA's)."""
+    root, models = "/proc/driver/nvidia/gpus", []
     try:
         for entry in sorted(os.listdir(root)):
             with open(os.path.join(root, entry, "information")) as f:
-                for line in f:
-                    if line.startswith("Model:"):
-                        return line.split(":", 1)[1].strip()
+                models += [line.split(":", 1)[1].strip() for line in f if line.startswith("Model:")]
     except OSError:
         pass
-    return "unknown NVIDIA GPU"
+    return models
+
+
+def cuda_runs_here() -> bool:
+    """True when onnxruntime's CUDA provider really runs a Conv on this machine."""
+    return not _cuda_problem()
 
 
 def ort_version() -> str:

@@ -193,10 +193,11 @@ def cache_path() -> str:
     return os.path.join(base, "gconv-rewrite", "tune.json")
 
 
-def target_key(provider: runtime.ProviderChoice | str) -> str:
-    """What a measurement depends on besides the geometry: device, provider, onnxruntime version."""
+def target_key(provider: runtime.ProviderChoice | str, device: str | None = None) -> str:
+    """What a measurement depends on besides the geometry: device (this machine's unless named),
+    provider, onnxruntime version, and on CUDA the session settings."""
     name = provider if isinstance(provider, str) else provider.name
-    key = f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
+    key = f"{device or runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
     return key + f" | {runtime.settings_text('timing')}" if name == "cuda" else key
 
 

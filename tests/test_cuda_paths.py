@@ -206,3 +206,123 @@ def test_inspect_json_with_a_cuda_probe_that_prints(tmp_path):
                               stdout=f, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["provider"] == "cpu"
+
+
+# -- which GPU (item 5) -----------------------------------------------------------------------------
+
+class _FakeDriver:
+    """The CUDA driver API's four calls, over a list of devices in CUDA's order."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = len(self.names)
+        return 0
+
+    def cuDeviceGet(self, device, ordinal):
+        device._obj.value = ordinal
+        return 0
+
+    def cuDeviceGetName(self, buffer, size, device):
+        buffer.value = self.names[device.value].encode()
+        return 0
+
+
+@pytest.fixture
+def fresh_gpu_name():
+    runtime._gpu_name.cache_clear()
+    yield
+    runtime._gpu_name.cache_clear()
+
+
+def test_the_gpu_is_the_one_cuda_calls_device_id(fresh_gpu_name, monkeypatch):
+    """PCI order (/proc) would name the H100; CUDA's device 0 is the H200."""
+    monkeypatch.setattr(runtime, "_load_cuda_driver", lambda: _FakeDriver(["NVIDIA H200", "NVIDIA H100 80GB HBM3"]))
+    monkeypatch.setattr(runtime, "_proc_gpu_models", lambda: ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+    assert runtime.device_name("cuda") == "NVIDIA H200"
+    runtime._gpu_name.cache_clear()
+    monkeypatch.setattr(runtime, "CUDA_DEVICE_ID", 1)
+    assert runtime.device_name("cuda") == "NVIDIA H100 80GB HBM3"
+    assert runtime.cuda_options("timing")["device_id"] == "1"
+
+
+@pytest.mark.parametrize("models, visible, expected", [
+    (["NVIDIA H200"], None, "NVIDIA H200"),
+    (["NVIDIA H200", "NVIDIA H200"], "1", "NVIDIA H200"),
+    (["NVIDIA H100 80GB HBM3", "NVIDIA H200"], None, "unknown NVIDIA GPU (one of 2: NVIDIA H100 80GB HBM3, NVIDIA H200)"),
+    (["NVIDIA H200"], "", "unknown NVIDIA GPU (CUDA_VISIBLE_DEVICES hides every GPU)"),
+    ([], None, "unknown NVIDIA GPU"),
+])
+def test_without_the_driver_the_name_is_only_given_when_unambiguous(fresh_gpu_name, monkeypatch, models, visible,
+                                                                    expected):
+    monkeypatch.setattr(runtime, "_load_cuda_driver", lambda: None)
+    monkeypatch.setattr(runtime, "_proc_gpu_models", lambda: models)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert runtime.device_name("cuda") == expected
+
+
+@pytest.fixture
+def h200_profile(tmp_path, monkeypatch):
+    """A CUDA profile 'shipped' for an H200 (none ships yet): the CPU fit, relabelled, in a temp folder."""
+    from gconv_rewrite import cost
+    with open(os.path.join(cost._PROFILES, "cpu.json")) as f:
+        data = json.load(f)
+    data.update(provider="cuda", device="NVIDIA H200", note="test profile")
+    with open(tmp_path / "cuda-h200.json", "w") as f:
+        json.dump(data, f)
+    monkeypatch.setattr(cost, "_PROFILES", str(tmp_path))
+    cost.load_profile.cache_clear()
+    yield "NVIDIA H200"
+    cost.load_profile.cache_clear()
+
+
+def test_planning_for_a_named_gpu_uses_its_shipped_profile(h200_profile):
+    model = MODELS / "resnext_emulated_tf.onnx"
+    report = gr.inspect(model, "cuda", device="nvidia h200")
+    assert "planning for NVIDIA H200 as asked (--device), not run here" in report.cost_model
+    assert {f.prediction.basis for f in report.findings} == {"calibrated"}
+    assert "planning for NVIDIA H200" in report.findings[0].prediction.source
+
+
+def test_the_only_shipped_cuda_profile_is_used_when_no_gpu_runs_here(h200_profile, monkeypatch):
+    monkeypatch.setattr(runtime, "_cuda_problem", lambda: "no NVIDIA GPU found")
+    result = gr.rewrite(MODELS / "resnext_emulated_tf.onnx", provider="cuda", verify_result=False)
+    assert "the only GPU model with a shipped CUDA profile" in result.planner
+    assert all(d.prediction.basis == "calibrated" for d in result.decisions if d.prediction)
+
+
+def test_without_a_matching_profile_planning_for_cuda_stays_on_the_prior(monkeypatch):
+    monkeypatch.setattr(runtime, "_cuda_problem", lambda: "no NVIDIA GPU found")
+    report = gr.inspect(MODELS / "resnext_emulated_tf.onnx", "cuda")
+    assert {f.prediction.basis for f in report.findings} == {"prior"}
+    with pytest.raises(GconvError, match="--device 'NVIDIA B200': no CUDA profile ships for that GPU model"):
+        gr.inspect(MODELS / "resnext_emulated_tf.onnx", "cuda", device="NVIDIA B200")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", MODELS / "resnext_emulated_tf.onnx", "--provider", "cpu", "--device", "NVIDIA H200"],
+     "needs --provider cuda"),
+    (["inspect", MODELS / "resnext_emulated_tf.onnx", "--provider", "cuda", "--device", "NVIDIA A100"],
+     "shipped: 'NVIDIA H200'"),
+])
+def test_device_misuse_is_one_line(h200_profile, args, message):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+
+
+def test_rewrite_plans_for_the_named_gpu_and_says_so(h200_profile, tmp_path):
+    out = tmp_path / "out.onnx"
+    args = [MODELS / "resnext_emulated_tf.onnx", "-o", out, "--provider", "cuda", "--no-verify", "-v",
+            "--device", "NVIDIA H200"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0 and out.exists(), result.output
+    assert "planning for NVIDIA H200 as asked" in " ".join(result.output.split())
+    verified = CliRunner().invoke(main, [str(a) for a in args if a != "--no-verify"])
+    assert verified.exit_code == 2 and "use it with --no-verify" in verified.output
