@@ -115,7 +115,7 @@ class Profile:
     # -- predictions ------------------------------------------------------------------------
     def native_ms(self, p: Probe) -> float:
         path = "nchwc" if p.cig % self.block == 0 and p.cog % self.block == 0 else "plain"
-        coef = self.native.get(path) or self.native.get("nchwc")
+        coef = self.native.get(path) or self.native.get("nchwc") or self.native.get("plain")  # a partial fit: one path
         return float(math.exp(np.dot(coef, _native_terms(p))))
 
     def predict(self, p: Probe, block: int | None = None) -> dict[str, float]:
