@@ -14,7 +14,7 @@ from onnxruntime.capi import onnxruntime_inference_collection as collection
 from onnxruntime.capi import onnxruntime_pybind11_state as state
 
 import gconv_rewrite as gr
-from gconv_rewrite import runtime
+from gconv_rewrite import runtime, tuning
 from gconv_rewrite.cli import main
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model
@@ -146,7 +146,7 @@ def test_io_binding_needs_a_cuda_session(model_pair):
 
 _NOISY = """
 import os, sys
-from gconv_rewrite import runtime
+from gconv_rewrite import runtime, tuning
 original = runtime._new_session
 def noisy(*args):
     print("EP Error: simulated provider message")            # what onnxruntime's wrapper does
@@ -326,3 +326,58 @@ def test_rewrite_plans_for_the_named_gpu_and_says_so(h200_profile, tmp_path):
     assert "planning for NVIDIA H200 as asked" in " ".join(result.output.split())
     verified = CliRunner().invoke(main, [str(a) for a in args if a != "--no-verify"])
     assert verified.exit_code == 2 and "use it with --no-verify" in verified.output
+
+
+# -- settings (item 4): parity with TF32 off, timing and tuning as deployed ----------------------------
+
+class _ClaimsCuda:
+    """A real CPU session that reports CUDA: what a working CUDA session looks like to the tool."""
+
+    def __init__(self, sess):
+        self._real = sess
+
+    def get_providers(self):
+        return [CUDA, CPU]
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _HostRunner:
+    """Runner without IO binding (no CUDA memory here); the timing harness around it is the real one."""
+
+    def __init__(self, sess, feed, choice):
+        self.sess, self.feed = sess, feed
+
+    def __call__(self):
+        self.sess.run(None, self.feed)
+
+
+@pytest.fixture
+def recorded_cuda_options(monkeypatch):
+    options = []
+
+    def create(source, opts, providers):
+        options.append(dict(providers[0][1]))
+        return _ClaimsCuda(ort.InferenceSession(source, opts, providers=[CPU]))
+
+    monkeypatch.setattr(runtime, "_new_session", create)
+    monkeypatch.setattr(runtime, "_cuda_problem", lambda: "")
+    monkeypatch.setattr(runtime, "Runner", _HostRunner)
+    return options
+
+
+def test_parity_runs_without_tf32_and_timing_runs_as_deployed(recorded_cuda_options, model_pair):
+    report = gr.verify(*model_pair, "cuda", rounds=3)
+    assert [o["use_tf32"] for o in recorded_cuda_options] == ["0", "0", "1", "1"]  # 2 parity, then 2 timing
+    assert all(o["cudnn_conv_algo_search"] == "EXHAUSTIVE" and o["device_id"] == "0" for o in recorded_cuda_options)
+    assert report.latency.settings["tf32"] is True and report.latency.settings["as_deployed"] is True
+    assert "heuristic" in report.latency.settings["cudnn_conv_algo_search"]
+    assert any("TF32 off for float32 parity" in note for note in report.notes)
+
+
+def test_tuning_measures_as_deployed_and_its_cache_key_says_so(recorded_cuda_options):
+    probe = tuning.Probe(32, 32, 4, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
+    tuning.measure(probe, runtime.choose_provider("cuda"), rounds=3)
+    assert recorded_cuda_options and {o["use_tf32"] for o in recorded_cuda_options} == {"1"}
+    assert "as deployed (TF32 on" in tuning.target_key("cuda") and "TF32" not in tuning.target_key("cpu")
