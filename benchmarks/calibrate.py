@@ -1,4 +1,5 @@
-"""Calibrate the cost model (CPU; CUDA with --provider cuda): measure every exact form on a grid of conv geometries, then fit.
+"""Calibrate the cost model (CPU; CUDA with --provider cuda): measure every exact form on a grid of
+conv geometries, then fit.
 
     python benchmarks/calibrate.py                 # measure (~10 min on 2 cores), fit, write the profile
     python benchmarks/calibrate.py --fit-only      # fit again from benchmarks/data/cpu_calibration.csv
@@ -9,9 +10,10 @@ The grid is random (seeded) over C_in 32..1024, Cig 2..64 (multiples of the NCHW
 not), Cog = Cig, Cig/2, 2 Cig or 1, spatial 7..112, kernel 1/3/5, stride 1/2, batch 1/8; it never
 contains a geometry of the held-out set (benchmarks/cost_accuracy.py). A second, model-like
 grid (see model_like_grid) adds 120 ResNeXt/RegNet-shaped 3x3 layers. Each geometry: all four
-forms, rotated round by round (on the CPU after waiting for a quiet machine), one flushed CSV row per
-geometry; on SIGTERM or when --budget-s runs out, measuring stops and what was measured is fitted. The fitted profile goes to
-gconv_rewrite/profiles/cpu.json, which ships with the package.
+forms, rotated round by round (on the CPU after waiting for a quiet machine), one flushed CSV
+row per geometry; on SIGTERM or when --budget-s runs out, measuring stops and what was measured
+is fitted. The fitted profile goes to gconv_rewrite/profiles/<provider>.json, which ships with
+the package.
 """
 
 from __future__ import annotations
@@ -216,7 +218,8 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for a quiet CPU before each geometry (dry runs; CUDA never waits)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="stop measuring when the next geometry would not fit in this many seconds; fit what was measured")
+                        help="stop measuring when the next geometry would not fit in this many seconds; "
+                             "fit what was measured")
     parser.add_argument("--tiny", type=int, default=0, metavar="N",
                         help="measure N small geometries instead of the grids (dry runs of the pipeline)")
     args = parser.parse_args()

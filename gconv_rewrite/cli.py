@@ -24,7 +24,7 @@ def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
     try:
         click.echo(text, err=err, nl=nl, file=_DOCUMENT[-1] if _DOCUMENT and not err else None)
     except BrokenPipeError:
-        stream = sys.stderr if err else sys.stdout
+        stream = sys.stderr if err else _DOCUMENT[-1] if _DOCUMENT else sys.stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 

@@ -271,8 +271,9 @@ class CudaSession:
 
     def _check(self, when: str) -> None:
         if _CUDA not in self._sess.get_providers():
+            providers = ", ".join(self._sess.get_providers())
             raise CudaFallbackError(f"--provider cuda: the CUDA provider is not running {self.label} ({when} with "
-                                    f"{', '.join(self._sess.get_providers())} only); no CPU numbers are reported as CUDA")
+                                    f"{providers} only); no CPU numbers are reported as CUDA")
 
     def _guarded(self, call, *args):
         try:

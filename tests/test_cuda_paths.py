@@ -253,7 +253,8 @@ def test_the_gpu_is_the_one_cuda_calls_device_id(fresh_gpu_name, monkeypatch):
 @pytest.mark.parametrize("models, visible, expected", [
     (["NVIDIA H200"], None, "NVIDIA H200"),
     (["NVIDIA H200", "NVIDIA H200"], "1", "NVIDIA H200"),
-    (["NVIDIA H100 80GB HBM3", "NVIDIA H200"], None, "unknown NVIDIA GPU (one of 2: NVIDIA H100 80GB HBM3, NVIDIA H200)"),
+    (["NVIDIA H100 80GB HBM3", "NVIDIA H200"], None,
+     "unknown NVIDIA GPU (one of 2: NVIDIA H100 80GB HBM3, NVIDIA H200)"),
     (["NVIDIA H200"], "", "unknown NVIDIA GPU (CUDA_VISIBLE_DEVICES hides every GPU)"),
     ([], None, "unknown NVIDIA GPU"),
 ])
