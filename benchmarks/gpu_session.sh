@@ -63,7 +63,11 @@ import sys
 import onnxruntime as ort
 from gconv_rewrite import runtime
 print("onnxruntime", ort.__version__, ort.get_available_providers())
-choice = runtime.choose_provider(sys.argv[1])  # raises (one line) when CUDA does not run
+from gconv_rewrite.errors import GconvError
+try:
+    choice = runtime.choose_provider(sys.argv[1])
+except GconvError as exc:  # e.g. "--provider cuda: the CUDA provider does not run: ..."
+    sys.exit(f"error: {exc}")
 print("provider:", choice.name, "-", choice.note, "| device:", runtime.device_name(choice))
 if choice.name == "cuda":
     print("timing settings:", runtime.settings_text("timing"), "| parity settings:", runtime.settings_text("parity"))

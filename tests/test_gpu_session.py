@@ -118,3 +118,13 @@ def test_cuda_measurements_do_not_wait_for_a_quiet_cpu(script, monkeypatch, tmp_
     else:
         module.measure_all(path, 3, "cuda", every=50)
     assert _rows(path) >= 3
+
+
+def test_without_cuda_the_real_session_stops_at_once_and_says_why(tmp_path):
+    if runtime.cuda_runs_here():
+        pytest.skip("CUDA runs here: the real session would measure")
+    done = subprocess.run(["timeout", "120", "bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(ENV, OUT=str(tmp_path), GPU_SESSION_STEPS="env calibrate"))
+    assert done.returncode == 2 and "STEP FAILED: env" in done.stderr
+    assert "error: --provider cuda:" in (tmp_path / "env.txt").read_text()
+    assert not (tmp_path / "calibrate.txt").exists()  # nothing measured on a substitute provider
