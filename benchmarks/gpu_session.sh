@@ -14,6 +14,7 @@
 # $OUT/FAILED.txt, a step whose input is missing is not run on a substitute (no accuracy of the
 # uncalibrated prior), and the script exits non-zero. Settings (TF32, cuDNN) are in each report.
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # every log line reaches $OUT as it is printed, even if a step is killed
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 rm -f "$OUT/FAILED.txt"
