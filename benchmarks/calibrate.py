@@ -27,14 +27,14 @@ import signal
 import sys
 import time
 
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import geometry, runtime, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = os.path.join(HERE, "..", "gconv_rewrite", "profiles")
-FORMS = tuning.FORMS
+FORMS = geometry.FORMS
 
 
-def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
+def grid(count: int, seed: int = 0) -> list[geometry.Probe]:
     """`count` distinct calibration geometries, none of them held out."""
     from cost_accuracy import held_out
 
@@ -55,7 +55,7 @@ def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
         elements = c_in * size * size
         if not 20_000 <= elements <= 1_700_000 or batch * g * cog * cig * k * k * size * size / stride**2 > 4e9:
             continue  # outside what ResNeXt-like layers look like, or a native conv over 4 GMAC
-        p = tuning.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
+        p = geometry.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
                          "float32", batch)
         if p.key() not in seen:
             seen.add(p.key())
@@ -63,7 +63,7 @@ def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
     return probes
 
 
-def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
+def model_like_grid(count: int, seed: int = 1) -> list[geometry.Probe]:
     """`count` geometries shaped like ResNeXt/RegNet 3x3 layers (any multiple-of-8 width, group width
     8..64, batch 1/8, stride 1/2); added after the first held-out evaluation found split winning at
     batch 8 / stride 2 on few wide groups, where the wide grid had almost no points. None held out."""
@@ -79,7 +79,7 @@ def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
         if not 20_000 <= g * cig * size * size <= 1_700_000:
             continue
         stride = rng.choice([1, 2])
-        p = tuning.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
+        p = geometry.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
                          (1, 1, 1, 1), "NOTSET", "float32", rng.choice([1, 8]))
         if p.key() not in seen:
             seen.add(p.key())
@@ -110,7 +110,7 @@ def read_machine(csv_path: str) -> dict:
         sys.exit(f"calibrate.py: cannot read {machine_path(csv_path)} ({e}): which machine measured {csv_path}?")
 
 
-def tiny_grid(count: int, seed: int = 2) -> list[tuning.Probe]:
+def tiny_grid(count: int, seed: int = 2) -> list[geometry.Probe]:
     """`count` small geometries (tens of ms each on a CPU) for dry runs of the measuring pipeline; none held out."""
     from cost_accuracy import held_out
 
@@ -124,7 +124,7 @@ def tiny_grid(count: int, seed: int = 2) -> list[tuning.Probe]:
             continue
         k, size, stride, batch = rng.choice([1, 3]), rng.choice([7, 10, 14]), rng.choice([1, 2]), rng.choice([1, 2])
         g = c_in // cig
-        p = tuning.Probe(c_in, g * cig * cog_factor, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4,
+        p = geometry.Probe(c_in, g * cig * cog_factor, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4,
                          "NOTSET", "float32", batch)
         if p.key() not in seen:
             seen.add(p.key())
@@ -141,7 +141,7 @@ def _stop_on_sigterm(signum, frame):
     raise OutOfTime
 
 
-def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False, provider: str = "cpu",
+def measure_all(path: str, probes: list[geometry.Probe], rounds: int, append: bool = False, provider: str = "cpu",
                 budget_s: float | None = None, wait: bool = True) -> int:
     """Measure `probes` into the CSV, one flushed row per geometry; returns how many were measured.
 
@@ -184,17 +184,17 @@ def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool
 
 def fit_and_save(csv_path: str, provider: str, profile_path: str):
     """Fit the CSV's rows (whatever was measured) and write the profile; exits non-zero when they cannot be fitted."""
-    from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
+    from gconv_rewrite import cost_fit  # noqa: PLC0415 (measuring needs no cost model)
     try:
-        rows = cost.read_measurements(csv_path)
+        rows = cost_fit.read_measurements(csv_path)
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"calibrate.py: cannot read the measurements {csv_path} ({e})")
     machine = read_machine(csv_path)  # the machine that measured, never the host that refits
-    profile = cost.fit(rows, provider=provider, device=machine["device"], ort_version=machine["ort_version"],
-                       block=machine["block"], source=os.path.relpath(csv_path, os.path.join(HERE, "..")))
+    profile = cost_fit.fit(rows, provider=provider, device=machine["device"], ort_version=machine["ort_version"],
+                           block=machine["block"], source=os.path.relpath(csv_path, os.path.join(HERE, "..")))
     if not profile.native:
         sys.exit(f"calibrate.py: {len(rows)} geometries measured in {csv_path}: too few to fit a native time "
-                 f"(at least {2 * len(cost._NATIVE_TERMS)} on one kernel path); no profile written")
+                 f"(at least {2 * len(cost_fit.NATIVE_TERMS)} on one kernel path); no profile written")
     profile.save(profile_path)
     print(f"fitted on {len(rows)} geometries -> {profile_path}")
     print(profile.describe())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from math import prod
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, helper
 
 from .graph import GraphIndex, attr
 
@@ -134,7 +134,6 @@ def _eval_small_op(node: NodeProto, ins: list, opset: int) -> np.ndarray | None:
     if op == "Identity":
         return ins[0]
     if op == "Cast":
-        from onnx import helper
         return ins[0].astype(helper.tensor_dtype_to_np_dtype(attr(node, "to")))
     if op == "Gather":
         return np.take(ins[0], ins[1].astype(np.int64), axis=attr(node, "axis", 0))

@@ -8,12 +8,16 @@ import functools
 import gc
 import io
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail  # a provider failed while running
 
 from .errors import GconvError
 
@@ -23,8 +27,7 @@ _CPU = "CPUExecutionProvider"
 
 
 def _ort():
-    import onnxruntime as ort
-
+    """onnxruntime, its logger quietened before first use."""
     ort.set_default_logger_severity(4)  # expected fallbacks must not print red errors
     return ort
 
@@ -127,7 +130,6 @@ def _cuda_run_probe(ort) -> str:
                 ort.preload_dlls()
             except Exception:
                 pass
-        from onnx import TensorProto, helper
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
         w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [1.0, 2.0])
@@ -255,12 +257,6 @@ def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinn
     return sess
 
 
-def _ep_fail() -> type:
-    """onnxruntime's EPFail exception (a provider failed while running)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-    return state.EPFail
-
-
 class CudaSession:
     """A CUDA session that never hands back CPU results: provider failures become one clear error,
     and the providers are checked again after every run."""
@@ -278,7 +274,7 @@ class CudaSession:
     def _guarded(self, call, *args):
         try:
             result = call(*args)
-        except _ep_fail() as exc:
+        except EPFail as exc:
             text = str(exc).strip().splitlines()
             raise CudaFallbackError(f"--provider cuda: the CUDA provider failed running {self.label} "
                                     f"({text[0] if text else 'EP_FAIL'}); not retried on CPU") from None
@@ -416,7 +412,6 @@ def _cpu_name() -> str:
                 if line.strip() == "":
                     break  # the first processor says it all
     except OSError:
-        import platform
         name = platform.processor() or platform.machine() or name
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else ""
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -14,7 +14,7 @@ from onnxruntime.capi import onnxruntime_inference_collection as collection
 from onnxruntime.capi import onnxruntime_pybind11_state as state
 
 import gconv_rewrite as gr
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import geometry, runtime, tune_cache, tuning
 from gconv_rewrite.cli import main
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model
@@ -378,7 +378,7 @@ def test_parity_runs_without_tf32_and_timing_runs_as_deployed(recorded_cuda_opti
 
 
 def test_tuning_measures_as_deployed_and_its_cache_key_says_so(recorded_cuda_options):
-    probe = tuning.Probe(32, 32, 4, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
+    probe = geometry.Probe(32, 32, 4, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
     tuning.measure(probe, runtime.choose_provider("cuda"), rounds=3)
     assert recorded_cuda_options and {o["use_tf32"] for o in recorded_cuda_options} == {"1"}
-    assert "as deployed (TF32 on" in tuning.target_key("cuda") and "TF32" not in tuning.target_key("cpu")
+    assert "as deployed (TF32 on" in tune_cache.target_key("cuda") and "TF32" not in tune_cache.target_key("cpu")

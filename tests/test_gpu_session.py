@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import geometry, runtime, tuning
 
 from conftest import ROOT
 
@@ -108,7 +108,7 @@ def test_cuda_measurements_do_not_wait_for_a_quiet_cpu(script, monkeypatch, tmp_
 
     def measure(probe, choice, rounds=9):
         assert choice.name == "cuda"
-        return tuning.Measurement(probe.key(), {f: 1.0 for f in tuning.FORMS})
+        return tuning.Measurement(probe.key(), {f: 1.0 for f in geometry.FORMS})
 
     monkeypatch.setattr(tuning, "wait_for_quiet", no_wait)
     monkeypatch.setattr(tuning, "measure", measure)
