@@ -25,7 +25,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
             tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
-            cache: str | None = None, progress=None, tune_progress=None) -> RewriteResult:
+            cache: str | None = None, progress=None, tune_progress=None, device: str | None = None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
@@ -38,6 +38,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     plans for CUDA even where it does not run); auto mode plans for it with
     its cost profile, and measured times from the tune cache (`cache`, default: the user's
     cache directory) override predictions. tune_first: run `tune` on this model first.
+    device: with provider "cuda" and verify_result=False, plan for this GPU model with its shipped
+    CUDA profile (e.g. "NVIDIA H200"); the report says so.
     input_shapes: concrete shapes of inputs with symbolic dims (name -> shape), used to plan
     (the written graph keeps its symbolic dims) and to generate verification inputs.
     verify_result: prove the rewrite with onnxruntime on `provider` (`result.verification`):
@@ -49,6 +51,9 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if form is not None and form not in FORMS:
         raise GconvError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
     check_arguments(rounds, tolerance)
+    if device and (verify_result or tune_first):
+        raise GconvError(f"--device '{device}' plans for a GPU that need not be here; verifying and tuning run here: "
+                         "use it with --no-verify (or inspect)")
     original, info = model_io.load(model)  # our own copy
     # Planning alone runs nothing: a CPU-only machine may plan for CUDA; verifying or tuning needs it here.
     choice = (runtime.choose_provider if verify_result or tune_first else runtime.target_provider)(provider)
@@ -56,7 +61,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if tune_first:
         tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
                            _info=info)
-    planner = cached_planner(choice.name, cache)
+    planner = cached_planner(choice.name, cache, device=device)
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()

@@ -16,17 +16,19 @@ from .model_io import check_writable
 from .decide import DIRECTIONS
 from .geometry import FORMS
 from .report import Decision
-from .runtime import PROVIDERS
+from .runtime import PROVIDERS, stdout_for_one_document
 from .verify import load_inputs
+
+_DOCUMENT = []  # while a --json command runs: the stream reserved for its JSON (see _json_only)
 
 
 def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
     """click.echo that survives a closed pipe (`... | head`): the rest of the output is dropped,
-    the work (and the output file) is not."""
+    the work (and the output file) is not. Under --json, stdout text goes to the reserved stream."""
     try:
-        click.echo(text, err=err, nl=nl)
+        click.echo(text, err=err, nl=nl, file=_DOCUMENT[-1] if _DOCUMENT and not err else None)
     except BrokenPipeError:
-        stream = sys.stderr if err else sys.stdout
+        stream = sys.stderr if err else _DOCUMENT[-1] if _DOCUMENT else sys.stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
@@ -162,9 +164,11 @@ def _progress(label, quiet: bool = False):
               help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,
               help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@click.option("--device", default=None, metavar="GPU_MODEL",
+              help="With --provider cuda --no-verify: plan for this GPU model's shipped CUDA profile.")
 @_verify_options
 def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
-                tune_first, cache, **verify_options):
+                tune_first, cache, device, **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify.
 
     auto (the default) picks per node the form the cost model predicts fastest on the target
@@ -174,12 +178,13 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
         raise click.UsageError("-q and -v exclude each other")
     if form is not None and direction != "auto":
         raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
-    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
-                            report_path, as_json, quiet, verbose, tune_first, cache))
+    _guard(_json_only(as_json, lambda: _rewrite(model, output, direction, form, no_verify, force, in_place,
+                                                verify_options, report_path, as_json, quiet, verbose, tune_first,
+                                                cache, device)))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
-             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None):
+             as_json=False, quiet=False, verbose=False, tune_first=False, cache=None, device=None):
     if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output) and not in_place:
         raise GconvError(f"-o {output} is the input model; pass --in-place to overwrite it")
     check_writable(output)  # before the work, not after
@@ -188,7 +193,7 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
     kwargs = _verify_kwargs(**verify_options, quiet=quiet or as_json)
     _announce_load(model, quiet or as_json)
     result = api.rewrite(model, direction, form=form, verify_result=not no_verify, tune_first=tune_first, cache=cache,
-                         tune_progress=_progress("tuning", quiet or as_json), **kwargs)
+                         tune_progress=_progress("tuning", quiet or as_json), device=device, **kwargs)
     say = (lambda *a, **k: None) if as_json else _echo
     if verbose:
         for d in result.decisions:
@@ -282,13 +287,15 @@ def _write_json(path, data) -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
                      callback=lambda ctx, param, value: _parse_shapes(value),
               help="Give symbolic input dims a size for the predictions (repeatable).")
-def inspect_cmd(model, as_json, provider, cache, input_shapes):
+@click.option("--device", default=None, metavar="GPU_MODEL",
+              help="With --provider cuda: plan for this GPU model's shipped CUDA profile (e.g. 'NVIDIA H200').")
+def inspect_cmd(model, as_json, provider, cache, input_shapes, device):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes), as_json)
-    _guard(run)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes, device=device), as_json)
+    _guard(_json_only(as_json, run))
 
 
 @main.command("tune")
@@ -311,7 +318,7 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
                                input_shapes=input_shapes, progress=_progress("tuning", as_json)), as_json)
-    _guard(run)
+    _guard(_json_only(as_json, run))
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -350,7 +357,22 @@ def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_optio
                 _echo(line)
         if not report.passed:
             sys.exit(1)
-    _guard(run)
+    _guard(_json_only(as_json, run))
+
+
+def _json_only(as_json: bool, fn):
+    """--json: stdout carries the JSON document only; whatever libraries print goes to stderr."""
+    if not as_json:
+        return fn
+
+    def run():
+        with stdout_for_one_document() as document:
+            _DOCUMENT.append(document)
+            try:
+                fn()
+            finally:
+                _DOCUMENT.pop()
+    return run
 
 
 def _guard(fn):

@@ -111,12 +111,14 @@ class InspectReport:
 
 
 def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, _info=None) -> InspectReport:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, _info=None, device: str | None = None,
+            ) -> InspectReport:
     """Find every grouped Conv and emulation subgraph (all graphs) without changing anything.
 
     Each finding carries every form's predicted time on `provider` (measured, where `tune`
     cached this geometry) and the form the cost model would pick. `input_shapes` resolves
-    symbolic input dims (name -> shape) for those predictions.
+    symbolic input dims (name -> shape) for those predictions. `device` (provider "cuda"): plan for
+    that GPU model with its shipped CUDA profile.
     """
     if _info is None:
         loaded, info = model_io.load(model)
@@ -126,7 +128,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     resolved = ShapeTable(loaded, model_io.shapes_at(loaded, input_shapes)) if input_shapes else None
     opset = default_opset(loaded)
     choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
-    planner = cached_planner(choice.name, cache)
+    planner = cached_planner(choice.name, cache, device=device)
     report = InspectReport(provider=choice.name, cost_model=planner.describe(),
                            warnings=[planner.warning] if planner.warning else [])
 

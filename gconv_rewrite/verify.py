@@ -32,9 +32,14 @@ DEFAULT_BATCH = 2
 # 7.1e-6 (the least visible of the 16 convs) to 3.4e-2 (median 4.1e-3). 3e-6 sits 10x above
 # the noise and 2.4x below the weakest mutation.
 RELATIVE_TOLERANCE = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 3e-6, "float64": 1e-10}
-# On CUDA, cuDNN's algorithm search picks different (Winograd, FFT) kernels per conv and form:
-# a wider, not yet measured float32 limit (uncalibrated until measured on a GPU).
-CUDA_FLOAT32_TOLERANCE = 2e-5
+# The least visible wrong model of that evidence (one swapped channel pair, grouped Conv 7): every
+# float32 limit must stay below it, or a known-wrong model passes.
+WEAKEST_MUTATION_FLOAT32 = 7.1e-6
+# On CUDA (parity sessions with TF32 off) the rounding noise of exact rewrites is not measured yet:
+# until it is, the CPU limit, 2.4x below the weakest mutation. A GPU whose noise exceeds it fails
+# parity loudly (exit 1) instead of passing a wrong model; measure it (benchmarks/parity_evidence.py
+# --provider cuda) before widening, and never to WEAKEST_MUTATION_FLOAT32 or above.
+CUDA_FLOAT32_TOLERANCE = 3e-6
 # float16 against a float32 twin: the rewritten model may be at most this much worse than the original.
 FP16_SLACK, FP16_FLOOR = 2.0, 1e-3
 # A latency difference is claimed only beyond this (relative), even when the spread is smaller.
@@ -192,7 +197,12 @@ def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, prov
         if compare_all and not report.passed:
             report.divergence = first_divergence(_with_weights(a, path_a), _with_weights(b, path_b), inputs[0],
                                                  choice, tolerance)
+        if choice.name == "cuda":
+            report.notes.append(f"parity sessions on CUDA: {runtime.settings_text('parity')}")
         if latency:
+            if choice.name == "cuda":  # timed as deployed, not with the parity settings
+                sess_a = runtime.session(src_a, choice, purpose="timing", label="the original model")
+                sess_b = runtime.session(src_b, choice, purpose="timing", label="the rewritten model")
             report.latency = measure_latency(sess_a, sess_b, inputs[0], choice, rounds, progress)
     return report
 
@@ -208,6 +218,8 @@ def check_arguments(rounds: int, tolerance: float | None) -> None:
 def _run(sess, names, feed):
     try:
         return sess.run(names, feed)
+    except GconvError:  # already one clear line (e.g. the CUDA provider failed)
+        raise
     except Exception as exc:
         text = str(exc).strip().splitlines()
         detail = next((line for line in reversed(text) if line.strip() and "Please fix" not in line), str(exc))
@@ -286,6 +298,8 @@ def _float32_reference(model: ModelProto, names, inputs, choice, report: VerifyR
             sess = runtime.session(src, choice)
             feeds = [{k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feed.items()} for feed in inputs]
             refs = [sess.run(names, feed) for feed in feeds]
+    except runtime.CudaFallbackError:
+        raise
     except Exception as exc:  # an op without a float32 kernel, a Cast we cannot retarget ...
         report.notes.append(f"float16 outputs compared with each other: no float32 twin ({str(exc).splitlines()[0]})")
         return None
@@ -373,7 +387,7 @@ def measure_latency(sess_a, sess_b, feed, choice, rounds: int = 20, progress=Non
         verdict = "faster" if ratio < 1 else "slower"
     settings = {"intra_op_spinning": False, "onnxruntime": runtime.ort_version()}
     if choice.name == "cuda":
-        settings |= {"io_binding": True, "cudnn_conv_algo_search": runtime.CUDNN_CONV_ALGO_SEARCH, "tf32": False}
+        settings |= {"io_binding": True} | runtime.cuda_settings("timing")
     a, b = np.array(timing.a_ms), np.array(timing.b_ms)
     return LatencyReport(choice.name, settings, rounds, timing.runs_per_round, timing.warmup_runs,
                          float(np.median(a)), float(np.median(b)), tuple(np.percentile(a, [25, 75]).tolist()),

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model, resnext_model, swap_input_channels
-from gconv_rewrite.verify import RELATIVE_TOLERANCE, float32_twin, generate_inputs
+from gconv_rewrite.verify import WEAKEST_MUTATION_FLOAT32, float32_twin, generate_inputs, tolerance_for
 
 from conftest import MODELS, run_ort
 
@@ -23,14 +23,17 @@ def resnext50_pair():
     return emulated, fused.model
 
 
-def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair):
+@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair, provider):
+    """With each provider's float32 limit (CUDA's applied to the CPU's numbers: no GPU here)."""
     emulated, fused = resnext50_pair
-    limit = RELATIVE_TOLERANCE["float32"]
-    ok = gr.verify(emulated, fused, "cpu", latency=False)
+    limit = tolerance_for("float32", provider)
+    assert limit < WEAKEST_MUTATION_FLOAT32 / 2  # the evidence's least visible wrong model must fail
+    ok = gr.verify(emulated, fused, "cpu", latency=False, tolerance=limit)
     assert ok.passed and ok.outputs[0].max_rel < limit / 5
     # The first, the least visible (benchmarks/parity_evidence.py) and the last grouped Conv.
     for conv_index in (0, 7, 15):
-        bad = gr.verify(emulated, swap_input_channels(fused, conv_index), "cpu", latency=False)
+        bad = gr.verify(emulated, swap_input_channels(fused, conv_index), "cpu", latency=False, tolerance=limit)
         assert not bad.passed and bad.outputs[0].max_rel > limit, bad.lines()
 
 
