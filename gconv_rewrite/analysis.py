@@ -47,6 +47,7 @@ class NativeGrouped:
     spec: ConvSpec
     weight: np.ndarray
     bias: np.ndarray | None
+    scope: tuple = ()  # the graph's scope key (graph.ShapeTable): where its shapes are looked up
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Emulation:
     grouping: Grouping
     dw_weight: np.ndarray
     dw_bias: np.ndarray | None
+    scope: tuple = ()
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Skip:
     kind: str  # "grouped_conv" | "emulation"
     reason: str
     spec: ConvSpec | None = None
+    scope: tuple = ()
 
 
 Candidate = NativeGrouped | Emulation | Skip
@@ -84,7 +87,7 @@ def planning_spec(cand: Candidate, shapes: ShapeTable | None) -> ConvSpec | None
     if spec is None or shapes is None or spec.output_spatial_size() is not None:
         return spec
     x = (cand.node if isinstance(cand, (NativeGrouped, Skip)) else cand.dw).input[0]
-    shape = shapes.get(x)
+    shape = shapes.get(x, cand.scope)
     return spec.at_input(shape) if shape is not None else spec
 
 
@@ -137,7 +140,10 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         else:
             traced = {id(n): _guarded(_emulation, ix, n, "emulation") for n in pending}
         found = [traced[id(c)] if isinstance(c, NodeProto) else c for c in found]
-    return [c for c in found if c is not None]
+    found = [c for c in found if c is not None]
+    for c in found:
+        c.scope = ix.scope
+    return found
 
 
 def _guarded(fn, ix: GraphIndex, node: NodeProto, kind: str) -> Candidate | None:

@@ -147,7 +147,7 @@ def check_writable(path: str | os.PathLike) -> None:
 def validate(model: ModelProto, label: str = "model") -> dict:
     """onnx.checker and strict shape inference on the model's structure (a weightless copy, so it
     is cheap) and the sizes of its weights; returns the inferred ValueInfos for the analysis."""
-    from .graph import skeleton, value_infos  # the graph helpers need nothing from here
+    from .graph import infer_value_infos, skeleton  # the graph helpers need nothing from here
 
     for tensor in iter_tensors(model):
         expected = tensor_nbytes(tensor)
@@ -158,9 +158,7 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     skel = skeleton(model)
     infos: dict = {}
     try:  # strict: inconsistent types or shapes are bad input (ops without a known schema are skipped)
-        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
-        infos = value_infos(inferred)
-        del inferred
+        infos = infer_value_infos(skel, strict=True)
     except Exception as exc:
         if not _about_unloaded_data(model, exc):
             raise GconvError(f"{label}: shape inference fails ({_first_line(exc)})") from None
@@ -196,7 +194,7 @@ def check_input_shapes(model: ModelProto, input_shapes: dict[str, tuple[int, ...
 def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
     """The model's value shapes when its graph inputs have `input_shapes` (--input-shape): what the
     cost model plans with where the model's own spatial dims are symbolic. The model is not changed."""
-    from .graph import skeleton, value_infos
+    from .graph import infer_value_infos, skeleton
 
     check_input_shapes(model, input_shapes)
     skel = skeleton(model)
@@ -208,7 +206,7 @@ def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> di
             d.Clear()
             d.dim_value = size
     try:
-        return value_infos(onnx.shape_inference.infer_shapes(skel, check_type=True, data_prop=True))
+        return infer_value_infos(skel, strict=False)
     except Exception as exc:
         raise GconvError(f"--input-shape: shape inference fails with these shapes ({_first_line(exc)})") from None
 
