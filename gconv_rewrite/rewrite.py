@@ -55,6 +55,7 @@ class Decision:
     form: str | None = None  # the form afterwards: native | dw | split | dense, or "depthwise" for a wrong
     #                          emulation fused into the plain depthwise Conv it equals (None: skipped)
     prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
+    code: str = ""  # skipped: the reason's stable short code (analysis.SKIP_CODES, docs/reports.md)
 
     TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<9} {'ms before -> after':>24}"
 
@@ -204,7 +205,7 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
             if node.op_type == "Conv" and attr(node, "group", 1) > 1:
                 decisions.append(Decision(node_label(node), "grouped_conv", "skipped", "Conv inside a function",
                                           "model-local functions are not rewritten (no shapes or constant weights of their own)",
-                                          graph=f"function {fn.name}"))
+                                          graph=f"function {fn.name}", code="in_function"))
     return decisions
 
 
@@ -240,7 +241,7 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
-                        cand.reason, spec), None
+                        cand.reason, spec, code=cand.code), None
     native = isinstance(cand, NativeGrouped)
     label = node_label(cand.node if native else cand.dw)
     kind = "grouped_conv" if native else "emulation"
@@ -265,12 +266,16 @@ def _decide(cand, direction, opset: int) -> tuple[Decision, str | None]:
         else:
             form = {"expand": "dw", "fuse": "native"}[direction]
     elif depthwise and form != "native":
-        return decision("skipped", f"a depthwise Conv has no {form} form", current), None
+        skipped = decision("skipped", f"a depthwise Conv has no {form} form", current)
+        skipped.code = "no_such_form"
+        return skipped, None
     if native and form == current:
         return decision("kept", f"already in the {form} form", current), None
     if form == "dw" and opset < 5:
-        return decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be written",
-                        current), None
+        skipped = decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, so the emulation cannot be "
+                           "written", current)
+        skipped.code = "opset_too_old"
+        return skipped, None
     action = {"native": "fused" if not native else "kept", "dw": "expanded" if native else "converted"}.get(form, "converted")
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
     if depthwise and cand.grouping.max_terms > 1:
