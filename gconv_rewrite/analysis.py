@@ -202,15 +202,10 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     if not cuts:
         return Skip(dw, "emulation", cut_reason or boundary or "no single exit tensor", code="no_single_exit")
     try:
-        cut, cmap = _trace(ix, y0, probe, region, cuts)
+        cut, output, cmap, grouping = _trace(ix, y0, probe, region, cuts, multiplier)
     except NotAChannelMove as exc:
         return Skip(dw, "emulation", str(exc), code=exc.code)
-    try:
-        grouping = solve_grouping(cmap, multiplier, c_in)
-    except NotFusable as exc:
-        return Skip(dw, "emulation", f"does not compute a single Conv: {exc}", code="not_a_single_conv")
     nodes = region[:cut + 1]
-    output = _cut_output(nodes[-1], ix)
     out_shape = ix.shape(output)
     if out_shape is not None and cmap.layout == "NLC":
         out_shape = (out_shape[0], out_shape[-1]) + tuple(out_shape[1:-1])
@@ -351,8 +346,9 @@ def _symbol_of(dw: NodeProto, axis: int, d, x_dim, wdims) -> str:
     return d if isinstance(d, str) and d else f"{dw.output[0]}:dim{axis}"
 
 
-def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[int], str]:
-    """Indices i such that region[:i+1] can be replaced as a whole by something producing one tensor."""
+def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[tuple[int, str]], str]:
+    """(i, exit) such that region[:i+1] can be replaced as a whole by something producing the one tensor
+    `exit` (an output of region[i]; a multi-output op's other outputs are read by nothing that stays)."""
     in_region = {id(n) for n in region}
     last_use: dict[str, int] = {}
     exits: dict[str, str] = {}
@@ -368,7 +364,7 @@ def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[
 
     note(y0)
     open_: set[str] = {y0}
-    cuts: list[int] = []
+    cuts: list[tuple[int, str]] = []
     reason = ""
     for i, node in enumerate(region):
         here = ix.pos(node)
@@ -383,7 +379,7 @@ def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[
             if shape_why:
                 reason = shape_why
             else:
-                cuts.append(i)
+                cuts.append((i, outs[0]))
         elif y0 in exits and not reason:
             reason = f"depthwise output {exits[y0]}"
     if not cuts and not reason:
@@ -419,23 +415,18 @@ def _only_feeds(ix: GraphIndex, node: NodeProto, removed: set[int], depth: int) 
     return True
 
 
-def _cut_output(node: NodeProto, ix: GraphIndex) -> str:
-    outs = [o for o in node.output if o and (ix.consumers.get(o) or ix.is_output(o))]
-    return outs[0]
-
-
-def _trace(ix: GraphIndex, y0: str, probe: _Probe, region, cuts) -> tuple[int, ChannelMap]:
-    """The deepest cut whose traced content is a channel map that sums something, else raises the
-    first (deepest) reason, with its code.
+def _trace(ix: GraphIndex, y0: str, probe: _Probe, region, cuts, multiplier: int
+           ) -> tuple[int, str, ChannelMap, Grouping]:
+    """The deepest cut whose traced content is a single Conv's channel map that sums something, else
+    raises the first (deepest) reason, with its code.
 
     Cuts are tried deepest first; a shallower one costs another propagation, which only
     happens when the deeper result is not a conv (then the ops after the cut stay as they are).
     """
     first: NotAChannelMove | None = None
-    for cut in reversed(cuts):
-        out = _cut_output(region[cut], ix)
+    for cut, out in reversed(cuts):
         try:
-            traced = _propagate_to(ix, y0, probe, region[:cut + 1])
+            traced = _propagate_to(ix, y0, probe, region[:cut + 1], out)
             try:
                 cmap = classify_output(traced, probe.shape, probe.axes)
             except SizeDependent:
@@ -445,10 +436,14 @@ def _trace(ix: GraphIndex, y0: str, probe: _Probe, region, cuts) -> tuple[int, C
             if _is_identity(cmap, probe.shape[1]):
                 raise NotAChannelMove(f"result '{out}' is the depthwise Conv's output itself (no channel summed): "
                                       "nothing to fuse", code="nothing_summed")
+            try:
+                grouping = solve_grouping(cmap, multiplier, probe.shape[1] // multiplier)
+            except NotFusable as exc:
+                raise NotAChannelMove(f"does not compute a single Conv: {exc}", code="not_a_single_conv") from None
         except NotAChannelMove as exc:
             first = first or exc
             continue
-        return cut, cmap
+        return cut, out, cmap, grouping
     raise first if first is not None else NotAChannelMove("no cut", code="no_single_exit")
 
 
@@ -458,8 +453,8 @@ def _is_identity(cmap: ChannelMap, channels: int) -> bool:
             and np.array_equal(terms[:, 0], np.arange(channels)))
 
 
-def _propagate_to(ix: GraphIndex, y0: str, probe: _Probe, prefix: list[NodeProto]) -> Traced:
-    """Trace y0 through `prefix`, freeing each index array after its last use; returns the last output."""
+def _propagate_to(ix: GraphIndex, y0: str, probe: _Probe, prefix: list[NodeProto], exit_name: str) -> Traced:
+    """Trace y0 through `prefix`, freeing each index array after its last use; returns `exit_name`'s trace."""
     last_use = {}
     for i, node in enumerate(prefix):
         for name in node.input:
@@ -484,7 +479,7 @@ def _propagate_to(ix: GraphIndex, y0: str, probe: _Probe, prefix: list[NodeProto
                 axes[name] = t.axes
                 if last_use.get(name, -1) > i:
                     traced[name] = t
-        out = outs[[o for o in node.output].index(_cut_output(node, ix))] if i == len(prefix) - 1 else None
+        out = outs[list(node.output).index(exit_name)] if i == len(prefix) - 1 else None
     return out
 
 

@@ -147,7 +147,7 @@ def test_verify_command_writes_versioned_json_and_names_a_differing_input(tmp_pa
     assert result.exit_code == 0 and data == json.loads(report.read_text())
     assert data["schema"] == "gconv-rewrite/verify-report" and data["version"] == 1 and data["passed"] is True
     quiet = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--provider", "cpu", "--no-latency", "-q")
-    assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 2 sample(s): FAIL")
+    assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 3 sample(s): FAIL")
     loud = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--rounds", "3", "--compare-all")
     assert loud.exit_code == 1 and max(map(len, loud.output.splitlines())) <= 80, loud.output
     assert len(quiet.output.splitlines()) == 1
