@@ -28,6 +28,11 @@ _NOT_REWRITTEN = {
     "ConvInteger": "quantized convs are not rewritten",
     "ConvTranspose": "transposed convs are not rewritten",
 }
+# Stable short codes of skip reasons (docs/reports.md lists and explains each; scripts match these).
+SKIP_CODES = frozenset({
+    "size_dependent", "not_a_channel_move", "not_a_channel_map", "not_a_single_conv", "nothing_summed",
+    "no_single_exit", "too_large", "weight_not_constant", "bias_not_constant", "weight_dtype", "quantized",
+    "transposed", "inconsistent", "no_such_form", "opset_too_old", "in_function", "other"})
 _MAX_TRACE_ELEMENTS = 1 << 27
 _BATCH_PROBE = 2
 _SPATIAL_PROBES = (5, 7, 11, 13, 17, 19, 23, 29)
@@ -69,6 +74,10 @@ class Skip:
     spec: ConvSpec | None = None
     scope: tuple = ()
     code: str = "other"  # stable short code of the reason (SKIP_CODES, docs/reports.md)
+
+    def __post_init__(self):
+        if self.code not in SKIP_CODES:
+            raise ValueError(f"undocumented skip code {self.code!r}")
 
 
 Candidate = NativeGrouped | Emulation | Skip

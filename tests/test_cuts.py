@@ -117,3 +117,18 @@ def test_an_infinite_tolerance_is_refused():
     b = Builder(x_dims=STATIC)
     with pytest.raises(GconvError, match="finite"):
         gr.rewrite(b.model(b.emulation()), "fuse", provider="cpu", tolerance=float("inf"))
+
+
+def test_skip_codes_are_documented_and_reach_the_json_reports():
+    import re
+    from pathlib import Path
+    from gconv_rewrite.analysis import SKIP_CODES
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "reports.md").read_text()
+    table = docs.split("**Skip codes**")[1].split("\n\n")[1]
+    documented = {c for row in table.splitlines()[2:] for c in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert documented == SKIP_CODES
+    b = Builder()
+    model = b.model(b.emulation(b.slice("y", [0], [2], [0])))
+    report = gr.rewrite(model, "fuse", verify_result=False).to_dict()
+    assert report["decisions"][0]["code"] == "size_dependent"
+    assert gr.inspect(model, provider="cpu").to_dict()["findings"][0]["code"] == "size_dependent"
