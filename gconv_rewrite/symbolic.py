@@ -355,7 +355,13 @@ def _sym_max(a, b):
 
 
 def _sym_min(a, b):
-    return -_sym_max(-a, -b)
+    if not isinstance(a, Sym) and not isinstance(b, Sym):
+        return min(int(a), int(b))
+    if provably_ge(b, a):
+        return a
+    if provably_ge(a, b):
+        return b
+    raise SizeDependent(f"Min({a}, {b}) depends on the input's size")
 
 
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}

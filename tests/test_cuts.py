@@ -132,3 +132,13 @@ def test_skip_codes_are_documented_and_reach_the_json_reports():
     report = gr.rewrite(model, "fuse", verify_result=False).to_dict()
     assert report["decisions"][0]["code"] == "size_dependent"
     assert gr.inspect(model, provider="cpu").to_dict()["findings"][0]["code"] == "size_dependent"
+
+
+def test_a_dead_shape_chain_reading_a_fused_tensor_goes_with_it():
+    # Found by the generated-model fuzzer: Shape(y) -> Slice whose result nothing reads.
+    b = Builder(x_dims=STATIC)
+    b.slice(b.node("Shape", ["y"]), [2], [3], [0])
+    model = b.model(b.emulation())
+    result = gr.rewrite(model, "fuse", provider="cpu", latency=False)
+    assert result.count("fused") == 1 and result.verification.passed
+    assert op_counts(result.model)["Shape"] == 0
