@@ -142,3 +142,20 @@ def test_a_dead_shape_chain_reading_a_fused_tensor_goes_with_it():
     result = gr.rewrite(model, "fuse", provider="cpu", latency=False)
     assert result.count("fused") == 1 and result.verification.passed
     assert op_counts(result.model)["Shape"] == 0
+
+
+def test_a_valid_model_onnxruntime_cannot_run_is_not_called_bad(tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+    from gconv_rewrite.errors import GconvError
+    w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float64), "w")  # no float64 Conv kernel on CPU
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=2)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], [w]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(GconvError, match="valid ONNX, which this onnxruntime cannot run.*--no-verify"):
+        gr.rewrite(model, "expand", provider="cpu", latency=False)
+    assert gr.rewrite(model, "expand", verify_result=False).count("expanded") == 1
+    with pytest.raises(GconvError, match="seed must be a non-negative integer"):
+        gr.rewrite(model, "expand", provider="cpu", seed=-1)
