@@ -17,8 +17,8 @@ from math import prod
 import numpy as np
 from onnx import NodeProto, helper
 
-from .channelmap import (JOINING_OPS, SHAPE_OPS, SUMMING_OPS, TRACEABLE_OPS, ChannelMap, NotAChannelMove,
-                         ShapeEval, SizeDependent, Traced, classify_output, conv_1x1_matrix, propagate, source)
+from .channelmap import (JOINING_OPS, OPS, SHAPE_OPS, SUMMING_OPS, TRACEABLE_OPS, ChannelMap, NotAChannelMove,
+                         ShapeEval, SizeDependent, Traced, classify_output, propagate, source)
 from .geometry import ConvSpec, spec_from_conv
 from .graph import SHAPE_ONLY_OPS, GraphIndex, ShapeTable, attr
 from .lowering import Grouping, NotFusable, solve_grouping
@@ -271,12 +271,9 @@ def _region_refusal(ix: GraphIndex, node: NodeProto, traced: set[str], memo: dic
         return f"{node.op_type} {node_label(node)} uses the traced tensor as a parameter"
     if not all(not n or _shape_computable(ix, n, memo) for n in ins[1:]):
         return f"{node.op_type} {node_label(node)} has non-constant parameters"
-    if node.op_type == "Conv":
-        try:
-            conv_1x1_matrix(node, ix.constant(node.input[1]))
-        except NotAChannelMove as exc:
-            return f"Conv {node_label(node)}: {exc}"
-    return None
+    admit = OPS[node.op_type].admit
+    why = admit(node, ix.constant) if admit is not None else None
+    return None if why is None else f"{node.op_type} {node_label(node)}: {why}"
 
 
 def _shape_computable(ix: GraphIndex, name: str, memo: dict, depth: int = 0) -> bool:

@@ -573,6 +573,15 @@ def _t_reduce_sum(node, traced, values, ctx):
     return [Traced(idx, bias, kept_axes)]
 
 
+def _admit_conv(node: NodeProto, constant) -> str | None:
+    """Only a 0/1 1x1 Conv joins a region (it sums channels); any other Conv ends it, saying why."""
+    try:
+        conv_1x1_matrix(node, constant(node.input[1]))
+    except NotAChannelMove as exc:
+        return str(exc)
+    return None
+
+
 def _t_conv(node, traced, values, ctx):
     matrix = conv_1x1_matrix(node, values[1])
     bias = None
@@ -592,6 +601,7 @@ class OpRule:
     joins: bool = False  # several inputs may be traced (sums, concatenations)
     evaluate: Callable | None = None  # constant evaluation with ONNX's semantics: (node, inputs, opset)
     shape_only: bool = False  # reads only its input's shape (its evaluator gets the shape)
+    admit: Callable | None = None  # before growing a region through it: (node, constant lookup) -> why not, or None
 
 
 OPS: dict[str, OpRule] = {
@@ -609,7 +619,7 @@ OPS: dict[str, OpRule] = {
     "Add": OpRule(_t_sum, sums=True, joins=True, evaluate=sy.ev_arith),
     "Sub": OpRule(_t_sum, joins=True, evaluate=sy.ev_arith),
     "Sum": OpRule(_t_sum, sums=True, joins=True),
-    "Conv": OpRule(_t_conv, sums=True),
+    "Conv": OpRule(_t_conv, sums=True, admit=_admit_conv),
     "Mul": OpRule(evaluate=sy.ev_arith),
     "Div": OpRule(evaluate=sy.ev_arith),
     "Max": OpRule(evaluate=sy.ev_max_min),
