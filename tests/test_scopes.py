@@ -97,3 +97,36 @@ def test_sibling_scopes_sharing_names_at_any_sizes(pools, size, emulated, direct
     model = if_model(emulated=emulated, pools=pools, size=size, shared_shape_name=shape_name, opset=opset)
     result = gr.rewrite(model, direction, verify_result=False)
     both_branches_agree(model, result.model)
+
+
+def _loop_body(src, rng):
+    """One iteration: out = grouped Conv of the outer tensor `src`; the body's names are shared with
+    the sibling Loop's body, whose input has another spatial size."""
+    w = rng.standard_normal((G * COG, CIG, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("Conv", [src, "bw"], ["y"], group=G, pads=[1, 1, 1, 1], name="gc"),
+             helper.make_node("Relu", ["y"], ["scan_out"])]
+    return helper.make_graph(
+        nodes, "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                        helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "bw")])
+
+
+def test_sibling_loop_bodies_sharing_names_are_rewritten_each_at_its_own_size():
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Loop", ["n", "c"], ["o1"], body=_loop_body("x", rng)),
+             helper.make_node("Loop", ["n", "c"], ["o2"], body=_loop_body("p", rng))]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 8, 8])],
+                              [helper.make_tensor_value_info("o1", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("o2", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(1, np.int64), "n"),
+                               numpy_helper.from_array(np.array(True), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = gr.rewrite(model, "expand", provider="cpu", latency=False)
+    assert result.count("expanded") == 2 and result.verification.passed
+    assert any("Loop" in n for n in result.verification.notes)
+    x = {"x": np.random.default_rng(5).standard_normal((1, C, 8, 8)).astype(np.float32)}
+    for name in ("o1", "o2"):
+        np.testing.assert_allclose(run_ort(result.model, x)[name], run_ort(model, x)[name], rtol=1e-4, atol=1e-5)
