@@ -320,7 +320,8 @@ class _Edit:
         gone_keys = self.replace.keys() | self.remove
         for key in gone_keys:  # shape readers of removed tensors go too (analysis checked they feed only these)
             for out in ix.outputs_of(key):
-                readers = [c for c in ix.consumers.get(out, ()) if c.op_type in SHAPE_ONLY_OPS and id(c) not in gone_keys]
+                readers = [c for c in ix.consumers.get(out, ())
+                           if c.op_type in SHAPE_ONLY_OPS and id(c) not in gone_keys]
                 seeds.extend(_downstream_outputs(ix, readers, gone_keys))
         dead = _Liveness(ix, gone_keys, new_nodes, {t.name for t in self.initializers})
         dead.collect(seeds)

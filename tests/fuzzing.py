@@ -202,8 +202,9 @@ class _Net:
 
 
 def _finish(nodes, inits, out, opset, extra_inputs=()):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", _C, "H", "W"])]
-                              + list(extra_inputs), [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", _C, "H", "W"])
+    graph = helper.make_graph(nodes, "g", [x] + list(extra_inputs),
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
 
@@ -224,7 +225,8 @@ def sibling_scopes_model(rng) -> onnx.ModelProto:
         x = "x"
         pool = int(_pick(rng, [1, 2]))
         if pool > 1:
-            net.nodes.append(helper.make_node("MaxPool", ["x"], ["pooled"], kernel_shape=[pool] * 2, strides=[pool] * 2))
+            net.nodes.append(helper.make_node("MaxPool", ["x"], ["pooled"], kernel_shape=[pool] * 2,
+                                              strides=[pool] * 2))
             x = "pooled"
         out = net.block(x)
         net.nodes.append(helper.make_node("Identity", [out], ["branch_out"]))

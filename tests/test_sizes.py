@@ -59,8 +59,9 @@ class Builder:
         self.nodes[-1].output[0] = "out"
         for n in self.nodes:
             n.input[:] = ["out" if i == last else i for i in n.input]
-        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.x_dims))],
-                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], self.inits)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.x_dims))
+        graph = helper.make_graph(self.nodes, "g", [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                                  self.inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=7)
 
 
