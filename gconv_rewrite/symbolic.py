@@ -221,8 +221,10 @@ def ev_gather(node: NodeProto, ins: list, opset: int):
     if indices.dtype == object or indices.dtype.kind not in "iu":
         raise NotConstant("Gather indices are not integers")
     axis = attr(node, "axis", 0)
-    if not -data.ndim <= axis < data.ndim:
-        raise NotConstant("Gather axis out of range")
+    if not -data.ndim <= axis < data.ndim or (axis < 0 and opset < 11):
+        raise NotConstant("Gather axis out of range (negative axes from opset 11)")
+    if opset < 11 and np.any(indices < 0):
+        raise NotConstant("negative Gather indices before opset 11")
     return np.asarray(np.take(data, indices.astype(np.int64), axis=axis))
 
 
@@ -231,7 +233,7 @@ def ev_concat(node: NodeProto, ins: list, opset: int):
     if not arrays or any(a.ndim == 0 for a in arrays) or len({a.ndim for a in arrays}) > 1:
         raise NotConstant("Concat of scalars or of tensors of different ranks")
     axis = attr(node, "axis", None)
-    if axis is None or not -arrays[0].ndim <= axis < arrays[0].ndim or (axis < 0 and opset < 4):
+    if axis is None or not -arrays[0].ndim <= axis < arrays[0].ndim or (axis < 0 and opset < 11):
         raise NotConstant("Concat axis missing or out of range")
     if _syms(arrays):
         arrays = _as_objects(arrays)
