@@ -541,7 +541,7 @@ def generate_samples(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed
     model_io.check_input_shapes(model, shapes)
     symbols = symbolic_dims(model, shapes)
     if not symbols:
-        return [generate_inputs(model, shapes, seed)], []
+        return _with_bools_negated([generate_inputs(model, shapes, seed)], [])
     base = {key: size for key, (size, _) in symbols.items()}
     plans = [base]
     if any(batch and base[key] != 1 for key, (_, batch) in symbols.items()):
@@ -550,7 +550,15 @@ def generate_samples(model: ModelProto, shapes: dict[str, tuple[int, ...]], seed
                   for key, (size, batch) in symbols.items()})
     samples = [generate_inputs(model, _shapes_with(model, shapes, plan), seed + i) for i, plan in enumerate(plans)]
     labels = [", ".join(f"{key}={size}" for key, size in plan.items()) for plan in plans]
-    return samples, labels
+    return _with_bools_negated(samples, labels)
+
+
+def _with_bools_negated(samples: list[dict], labels: list[str]) -> tuple[list[dict], list[str]]:
+    """One more sample with every bool input negated: an If on an input flag then runs both branches."""
+    if not any(v.dtype == np.bool_ for v in samples[0].values()):
+        return samples, labels
+    flipped = {k: (np.asarray(~v) if v.dtype == np.bool_ else v) for k, v in samples[0].items()}
+    return samples + [flipped], labels + ([f"{labels[0]}, bool inputs negated"] if labels else [])
 
 
 def _larger(size: int) -> int:

@@ -130,3 +130,19 @@ def test_sibling_loop_bodies_sharing_names_are_rewritten_each_at_its_own_size():
     x = {"x": np.random.default_rng(5).standard_normal((1, C, 8, 8)).astype(np.float32)}
     for name in ("o1", "o2"):
         np.testing.assert_allclose(run_ort(result.model, x)[name], run_ort(model, x)[name], rtol=1e-4, atol=1e-5)
+
+
+def test_an_input_flag_is_sampled_both_ways_so_both_rewritten_branches_run():
+    result = gr.rewrite(if_model(emulated=False), "expand", provider="cpu", latency=False)
+    assert result.verification.passed and result.verification.samples == 2
+    assert not any("never executed" in n for n in result.verification.notes)
+
+
+def test_a_rewritten_branch_no_sample_runs_is_named():
+    model = if_model(emulated=False)
+    model.graph.input.pop()  # the condition becomes a constant: the else branch never runs
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "c"))
+    result = gr.rewrite(model, "expand", provider="cpu", latency=False)
+    assert result.verification.passed and result.count("expanded") == 2
+    assert any("else_branch of If 'o' was never executed" in n for n in result.verification.notes)
+    assert not any("then_branch" in n for n in result.verification.notes)
