@@ -49,7 +49,7 @@ class Finding:
             verb = "uses" if self.status == "emulated" else "would use"
             parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MiB per image extra")
         if self.reason:
-            parts.append(self.reason)
+            parts.append(self.reason + (f" [{self.code}]" if self.code else ""))
         if self.prediction is not None and self.prediction.times_ms:
             parts.append(self.prediction.times_line())
             if self.prediction.work:

@@ -79,7 +79,7 @@ class Decision:
         if self.action in ("expanded", "fused", "converted"):
             text += f" ({self.nodes_removed} -> {self.nodes_added} nodes)"
         if self.reason:
-            text += f" - {self.reason}"
+            text += f" - {self.reason}" + (f" [{self.code}]" if self.code else "")
         return text
 
 
