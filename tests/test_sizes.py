@@ -204,3 +204,19 @@ def test_a_rewrite_computes_the_same_at_every_size(kind, k, axis, opset, after, 
     if static_w:
         sizes = [(n, h, 6) for n, h, _ in sizes]
     same_wherever_the_original_runs(model, out, sizes + [(2, 45, 6 if static_w else 37)])
+
+
+def test_pytorch_view_written_with_gather_and_unsqueeze_is_fused():
+    # torch.onnx's form of x.shape[i]: Gather(Shape(x), i) -> Unsqueeze -> Concat
+    b = Builder()
+    shape_x = b.node("Shape", ["x"])
+
+    def dim(i):
+        return b.node("Unsqueeze", [b.node("Gather", [shape_x, b.const(i)], axis=0), b.const([0])])
+    n, h, w = dim(0), dim(2), dim(3)
+    r = b.node("Reshape", ["y", b.node("Concat", [n, b.const([G]), b.const([CIG]), b.const([COG]), h, w], axis=0)])
+    s = b.reduce_sum(r, [2], 0)
+    model = b.model(b.node("Reshape", [s, b.node("Concat", [n, b.const([G * COG]), h, w], axis=0)]))
+    d, out = fuse(model)
+    assert d.action == "fused", d.reason
+    assert same_wherever_the_original_runs(model, out, SIZES) == len(SIZES)
