@@ -203,7 +203,7 @@ def test_a_rewrite_computes_the_same_at_every_size(kind, k, axis, opset, after, 
     d, out = fuse(model)
     if static_w:
         sizes = [(n, h, 6) for n, h, _ in sizes]
-    same_wherever_the_original_runs(model, out, sizes + [(2, 45, 6 if static_w else 37)])
+    assert same_wherever_the_original_runs(model, out, sizes + [(2, 45, 6 if static_w else 37)]) >= 1
 
 
 def test_pytorch_view_written_with_gather_and_unsqueeze_is_fused():
