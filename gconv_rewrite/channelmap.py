@@ -362,7 +362,7 @@ def _t_sum(node, traced, values, ctx):
     if any(v is None for _, v in consts):
         raise NotAChannelMove(f"{op} mixes in a non-constant tensor")
     out = _sum_traced(parts) if len(parts) > 1 else parts[0]
-    for i, v in consts:
+    for _, v in consts:
         out = _add_constant(out, v, -1.0 if op == "Sub" else 1.0)
     return [out]
 

@@ -7,7 +7,6 @@ the graph's size.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
 
 import numpy as np
 import onnx
