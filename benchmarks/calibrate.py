@@ -22,14 +22,14 @@ import random
 import sys
 import time
 
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import geometry, runtime, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILES = os.path.join(HERE, "..", "gconv_rewrite", "profiles")
-FORMS = tuning.FORMS
+FORMS = geometry.FORMS
 
 
-def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
+def grid(count: int, seed: int = 0) -> list[geometry.Probe]:
     """`count` distinct calibration geometries, none of them held out."""
     from cost_accuracy import held_out
 
@@ -50,7 +50,7 @@ def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
         elements = c_in * size * size
         if not 20_000 <= elements <= 1_700_000 or batch * g * cog * cig * k * k * size * size / stride**2 > 4e9:
             continue  # outside what ResNeXt-like layers look like, or a native conv over 4 GMAC
-        p = tuning.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
+        p = geometry.Probe(c_in, g * cog, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
                          "float32", batch)
         if p.key() not in seen:
             seen.add(p.key())
@@ -58,7 +58,7 @@ def grid(count: int, seed: int = 0) -> list[tuning.Probe]:
     return probes
 
 
-def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
+def model_like_grid(count: int, seed: int = 1) -> list[geometry.Probe]:
     """`count` geometries shaped like ResNeXt/RegNet 3x3 layers (any multiple-of-8 width, group width
     8..64, batch 1/8, stride 1/2); added after the first held-out evaluation found split winning at
     batch 8 / stride 2 on few wide groups, where the wide grid had almost no points. None held out."""
@@ -74,7 +74,7 @@ def model_like_grid(count: int, seed: int = 1) -> list[tuning.Probe]:
         if not 20_000 <= g * cig * size * size <= 1_700_000:
             continue
         stride = rng.choice([1, 2])
-        p = tuning.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
+        p = geometry.Probe(g * cig, g * cig, g, (size * stride, size * stride), (3, 3), (stride, stride), (1, 1),
                          (1, 1, 1, 1), "NOTSET", "float32", rng.choice([1, 8]))
         if p.key() not in seen:
             seen.add(p.key())
@@ -105,7 +105,7 @@ def read_machine(csv_path: str) -> dict:
         sys.exit(f"calibrate.py: cannot read {machine_path(csv_path)} ({e}): which machine measured {csv_path}?")
 
 
-def measure_all(path: str, probes: list[tuning.Probe], rounds: int, append: bool = False, provider: str = "cpu") -> None:
+def measure_all(path: str, probes: list[geometry.Probe], rounds: int, append: bool = False, provider: str = "cpu") -> None:
     choice = runtime.choose_provider(provider)
     write_machine(path, choice)
     with open(path, "a" if append else "w", newline="") as f:
@@ -147,10 +147,10 @@ def main() -> None:
         if args.part in ("all", "model-like"):
             probes += model_like_grid(20 if args.quick else args.model_like)
         measure_all(args.csv, probes, args.rounds, args.append, args.provider)
-    from gconv_rewrite import cost  # noqa: PLC0415 (measuring needs no cost model)
-    rows = cost.read_measurements(args.csv)
+    from gconv_rewrite import cost_fit  # noqa: PLC0415 (measuring needs no cost model)
+    rows = cost_fit.read_measurements(args.csv)
     machine = read_machine(args.csv)  # the machine that measured, never the host that refits
-    profile = cost.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
+    profile = cost_fit.fit(rows, provider=args.provider, device=machine["device"], ort_version=machine["ort_version"],
                        block=machine["block"], source=os.path.relpath(args.csv, os.path.join(HERE, "..")))
     profile.save(args.profile)
     print(f"fitted on {len(rows)} geometries -> {args.profile}")

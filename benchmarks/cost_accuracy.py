@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
-from gconv_rewrite import runtime, tuning
+from gconv_rewrite import geometry, runtime, tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FORMS = tuning.FORMS
+FORMS = geometry.FORMS
 
 
 def _stages(name, widths, group_of, spatials, first_stride_in=True):
@@ -62,7 +62,7 @@ def held_out() -> list[tuple[str, tuple]]:
     probes, seen = [], set()
     for name, cin, cout, g, size, k, stride in convs:
         for batch in (1, 8):
-            p = tuning.Probe(cin, cout, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
+            p = geometry.Probe(cin, cout, g, (size, size), (k, k), (stride, stride), (1, 1), (k // 2,) * 4, "NOTSET",
                              "float32", batch)
             if p.key() not in seen:
                 seen.add(p.key())
@@ -110,7 +110,7 @@ def evaluate(path: str, profile) -> dict:
     return summary
 
 
-def _findings_rule(p: tuning.Probe) -> str:
+def _findings_rule(p: geometry.Probe) -> str:
     """The rule of ../shared/calib/FINDINGS.md (measured on an AVX-512 machine; block 16)."""
     ho = p.output_spatial()
     if p.cog == 1:

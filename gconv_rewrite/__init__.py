@@ -9,13 +9,13 @@
 
 from .api import inspect, rewrite, tune
 from .cost import Prediction
-from .tuning import TuneReport
+from .tune_report import TuneReport
 from .inspection import Finding, InspectReport
-from .errors import GconvError, VerificationError
+from .errors import GconvError, InternalError, VerificationError
 from .geometry import ConvSpec
-from .rewrite import Decision, RewriteResult
+from .report import Decision, RewriteResult
 from .verify import OutputParity, VerifyReport, verify
 
 __version__ = "0.1.0"
 __all__ = ["rewrite", "verify", "inspect", "tune", "TuneReport", "Prediction", "InspectReport", "Finding", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
-           "GconvError", "VerificationError", "__version__"]
+           "GconvError", "InternalError", "VerificationError", "__version__"]

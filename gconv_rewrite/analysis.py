@@ -11,11 +11,11 @@ from __future__ import annotations
 import heapq
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import NodeProto
 
 from .channelmap import (JOINING_OPS, OPS, SHAPE_OPS, SUMMING_OPS, TRACEABLE_OPS, ChannelMap, NotAChannelMove,
                          ShapeEval, SizeDependent, Traced, classify_output, propagate, source)

@@ -7,12 +7,15 @@ from typing import Sequence
 import numpy as np
 
 from . import model_io, runtime, tuning
-from .cost import Planner
 from .model_io import ModelSource
 from .errors import GconvError, InternalError
-from .rewrite import DIRECTIONS, FORMS, Direction, Form, RewriteResult, rewrite_model
+from .decide import DIRECTIONS, Direction
+from .geometry import FORMS, Form, Probe
+from .report import RewriteResult
+from .rewrite import rewrite_model
 from .inspection import InspectReport, inspect
-from .tuning import TuneEntry, TuneReport
+from .tune_cache import TuneCache, cached_planner, target_key
+from .tune_report import TuneEntry, TuneReport
 from .verify import CandidateError, VerifyReport, check_arguments, verify
 
 __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
@@ -53,7 +56,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if tune_first:
         tune_report = tune(original, choice.name, cache=cache, input_shapes=input_shapes, progress=tune_progress,
                            _info=info)
-    planner = Planner(choice.name, tuning.TuneCache(cache))
+    planner = cached_planner(choice.name, cache)
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
@@ -112,7 +115,7 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     Each geometry becomes a single-conv model per form, timed like verification does (own
     sessions, spinning off, forms rotated round by round). Results are cached per (device,
     provider, onnxruntime version, geometry, dtype) in `cache` (default: the user's cache
-    directory, see tuning.cache_path); cached geometries are not measured again unless `force`.
+    directory, see tune_cache.cache_path); cached geometries are not measured again unless `force`.
     `rewrite` then uses the measured times instead of the predictions. `input_shapes` gives
     symbolic input dims a size (name -> shape), so that symbolic-size convs can be measured.
     """
@@ -120,15 +123,15 @@ def tune(model: ModelSource, provider: str = "auto", *, rounds: int = 9, cache: 
     if _info is None:
         model, _info = model_io.load(model)
     choice = runtime.choose_provider(provider)
-    store = tuning.TuneCache(cache)
+    store = TuneCache(cache)
     store.check_writable()  # before minutes of measuring, not after
-    target = tuning.target_key(choice)
+    target = target_key(choice)
     report = TuneReport(target, store.path)
-    groups: dict[str, tuple[tuning.Probe, list[str]]] = {}
+    groups: dict[str, tuple[Probe, list[str]]] = {}
     for finding in inspect(model, provider=choice.name, input_shapes=input_shapes, _info=_info).findings:
         if finding.status == "skipped" or finding.spec is None or finding.spec.is_depthwise:
             continue
-        probe = tuning.Probe.from_spec(finding.spec)
+        probe = Probe.from_spec(finding.spec)
         if probe is None:
             report.skipped.append(finding.node)
             continue

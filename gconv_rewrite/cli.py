@@ -6,14 +6,18 @@ import json
 import os
 import sys
 import textwrap
+import traceback
 
 import click
 
 from . import api
-from .errors import GconvError
+from .errors import GconvError, InternalError
 from .model_io import check_writable
-from .rewrite import DIRECTIONS, FORMS, Decision
+from .decide import DIRECTIONS
+from .geometry import FORMS
+from .report import Decision
 from .runtime import PROVIDERS
+from .verify import load_inputs
 
 
 def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
@@ -30,6 +34,11 @@ class _DefaultGroup(click.Group):
     """`gconv-rewrite MODEL -o OUT` runs the `rewrite` command; `gconv-rewrite verify A B` a subcommand."""
 
     def parse_args(self, ctx, args):
+        if "--debug" in args:  # anywhere before a lone "--": tracebacks of internal errors (see _guard)
+            cut = args.index("--") if "--" in args else len(args)
+            if args.index("--debug") < cut:
+                args = [a for i, a in enumerate(args) if not (a == "--debug" and i < cut)]
+                os.environ[DEBUG_ENV] = "1"
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["rewrite"] + list(args)
         return super().parse_args(ctx, args)
@@ -68,7 +77,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gconv-rewrite")
-def main():
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error (anywhere on the line).")
+def main(debug=False):
     """Rewrite grouped convolutions in ONNX models: native Conv(group=G) <-> depthwise emulation.
 
     \b
@@ -78,7 +88,7 @@ def main():
       gconv-rewrite verify A B        compare two models: parity and latency
 
     Exit codes: 0 success, 1 verification failed (nothing written unless --force), 2 bad input
-    or usage.
+    or usage, 3 internal error (a bug: --debug shows its traceback).
     """
 
 
@@ -106,7 +116,6 @@ def _verify_options(fn):
 
 
 def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
-    from .verify import load_inputs
     return dict(provider=provider, input_shapes=input_shapes, seed=seed,
                 inputs=load_inputs(list(input_files)) if input_files else None, tolerance=tolerance,
                 compare_all=compare_all, latency=not no_latency, rounds=rounds, progress=_progress("timing", quiet))
@@ -346,6 +355,8 @@ def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_optio
 
 
 def _guard(fn):
+    """Run a command: the user's fault is one line (exit 2, or 1 for failed parity), the tool's is an internal
+    error (exit 3) that says so, with the version and how to report it, and never a bare traceback."""
     try:
         fn()
     except GconvError as exc:
@@ -354,10 +365,29 @@ def _guard(fn):
     except MemoryError:
         _echo("error: out of memory", err=True)
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - never a traceback; say what failed, in one line
-        text = str(exc).strip().splitlines()
-        _echo(f"error: cannot process the model ({type(exc).__name__}: {text[0] if text else ''})", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         _echo("interrupted; nothing written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug of ours, and says so
+        _internal_error(exc)
+
+
+DEBUG_ENV = "GCONV_REWRITE_DEBUG"
+
+
+def _internal_error(exc: BaseException) -> None:
+    """A bug is not bad input: say it is ours, which version, and how to get the traceback to report it."""
+    from . import __version__
+    text = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    if _debug():
+        traceback.print_exception(exc, file=sys.stderr)
+    how = "" if _debug() else f"; rerun with --debug (or {DEBUG_ENV}=1) for the traceback"
+    _echo(f"internal error in gconv-rewrite {__version__} ({what}): a bug in the tool, not a problem with your "
+          f"model{how}, and report it with the command line", err=True)
+    sys.exit(InternalError.exit_code)
+
+
+def _debug() -> bool:
+    """--debug (see _DefaultGroup) or GCONV_REWRITE_DEBUG=1: show tracebacks of internal errors."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -1,6 +1,7 @@
 """The cost model: which exact form of a grouped conv runs fastest on a provider.
 
-Two parts, both fitted by benchmarks/calibrate.py from measurements of single-conv models:
+Two parts, both fitted by benchmarks/calibrate.py from measurements of single-conv models
+(the fitting is cost_fit.py; this module only predicts):
 
 * native time: a power law per onnxruntime kernel path (ms = e^c0 * MACs^c1 * Cig^c2 * ...),
   fitted in log space. The CPU provider runs a grouped Conv on its NCHWc kernel when Cig and
@@ -20,8 +21,6 @@ use a documented roofline prior, and every prediction says which basis it has.
 
 from __future__ import annotations
 
-import csv
-import datetime
 import functools
 import json
 import math
@@ -31,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import runtime
-from .tuning import FORMS, Probe, TuneCache, target_key
+from .geometry import FORMS, Probe
 
 PROFILE_SCHEMA = "gconv-rewrite/cost-profile"
 PROFILE_VERSION = 1
 _PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
-_NATIVE_TERMS = ("1", "log MACs", "log Cig", "log Cog", "log kernel", "log N*Ho*Wo", "log G", "log stride area")
+NATIVE_TERMS = ("1", "log MACs", "log Cig", "log Cog", "log kernel", "log N*Ho*Wo", "log G", "log stride area")
 
 
 @dataclass
@@ -81,16 +80,17 @@ def features(p: Probe, block: int) -> list[float]:
             math.log(p.group), float(max(p.strides) > 1), 3.0 * nchwc, 3.0 * float(p.cog == 1)]
 
 
-def _native_terms(p: Probe) -> list[float]:
+def native_terms(p: Probe) -> list[float]:
+    """The terms of the native power law (NATIVE_TERMS, in log space) for `p`; cost_fit fits on them."""
     out = p.batch * math.prod(p.output_spatial())
-    macs = out * p.c_out * p.cig * math.prod(p.kernel)
     # A stride reads stride-area times the input per output: 24%/29% -> 20%/19% median fit error.
-    return [1.0, math.log(macs), math.log(p.cig), math.log(p.cog), math.log(math.prod(p.kernel)), math.log(out),
+    return [1.0, math.log(macs(p)), math.log(p.cig), math.log(p.cog), math.log(math.prod(p.kernel)), math.log(out),
             math.log(p.group), math.log(math.prod(p.strides))]
 
 
 def macs(p: Probe) -> int:
-    return p.batch * math.prod(p.output_spatial()) * p.c_out * p.cig * math.prod(p.kernel)
+    """Multiply-accumulates of the whole batch."""
+    return p.batch * p.macs_per_image()
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Profile:
     def native_ms(self, p: Probe) -> float:
         path = "nchwc" if p.cig % self.block == 0 and p.cog % self.block == 0 else "plain"
         coef = self.native.get(path) or self.native.get("nchwc")
-        return float(math.exp(np.dot(coef, _native_terms(p))))
+        return float(math.exp(np.dot(coef, native_terms(p))))
 
     def predict(self, p: Probe, block: int | None = None) -> dict[str, float]:
         """Predicted ms of every form of `p`."""
@@ -233,7 +233,7 @@ def work(p: Probe) -> dict[str, tuple[int, float, float]]:
     out = p.batch * math.prod(p.output_spatial())
     x_bytes = p.batch * p.c_in * math.prod(p.spatial) * item
     y_bytes = out * p.c_out * item
-    inter = p.batch * p.c_in * p.cog * math.prod(p.output_spatial()) * item  # Cig x the output
+    inter = p.intermediate_bytes()  # Cig x the output
     flops = 2.0 * macs(p)
     return {"native": (1, flops, x_bytes + y_bytes),
             "dw": (2, flops, x_bytes + 2 * inter + y_bytes),  # Reshapes move nothing
@@ -259,7 +259,7 @@ def roofline(p: Probe, provider: str = "cuda") -> dict[str, float]:
             for form, (nodes, fl, by) in work(p).items()}
 
 
-# -- loading and fitting ---------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def load_profile(provider: str) -> Profile:
@@ -271,74 +271,22 @@ def load_profile(provider: str) -> Profile:
     return Profile(provider, "", "", 8, False, note="no measurements for this provider yet; roofline prior")
 
 
-def read_measurements(path: str) -> list[tuple[Probe, dict[str, float]]]:
-    """Rows of a calibration CSV (benchmarks/calibrate.py) as (probe, ms per form; nan = not measured)."""
-    rows = []
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            rows.append((parse_probe(row["probe"]), {form: float(row[f"t_{form}_ms"]) for form in FORMS}))
-    return rows
-
-
-def parse_probe(key: str) -> Probe:
-    """The inverse of Probe.key()."""
-    parts = key.split()
-    dtype, fields = parts[0], {}
-    for part in parts[1:]:
-        for tag in ("Cin", "Cout", "in", "N", "G", "k", "s", "d", "p"):
-            if part.startswith(tag) and (part[len(tag):][:1].isdigit() or tag == "p"):
-                fields.setdefault(tag, part[len(tag):])
-                break
-    dims = lambda v: tuple(int(x) for x in v.split("x"))  # noqa: E731
-    pads = fields["p"]
-    pad_tuple = dims(pads) if pads[:1].isdigit() else None
-    return Probe(int(fields["Cin"]), int(fields["Cout"]), int(fields["G"]), dims(fields["in"]), dims(fields["k"]),
-                 dims(fields["s"]), dims(fields["d"]), pad_tuple, "NOTSET" if pad_tuple is not None else pads,
-                 dtype, int(fields["N"]))
-
-
-def fit(rows: list[tuple[Probe, dict[str, float]]], provider: str, device: str, ort_version: str, block: int,
-        source: str = "", neighbours: int = 5, margin: float = 0.05) -> Profile:
-    """Fit a profile to measured rows: native power laws per path, and the neighbour table of ratios."""
-    native: dict[str, list[float]] = {}
-    quality = {}
-    for path in ("nchwc", "plain"):
-        sel = [(p, t) for p, t in rows if (p.cig % block == 0 and p.cog % block == 0) == (path == "nchwc")
-               and not math.isnan(t["native"])]
-        if len(sel) < 2 * len(_NATIVE_TERMS):
-            continue
-        X = np.array([_native_terms(p) for p, _ in sel])
-        y = np.log([t["native"] for _, t in sel])
-        coef = np.linalg.solve(X.T @ X + 1e-6 * np.eye(X.shape[1]), X.T @ y)  # tiny ridge: Cig == Cog on most rows
-        native[path] = [float(c) for c in coef]
-        err = np.abs(np.exp(X @ coef - y) - 1)
-        quality[f"native {path}: median |error|"] = round(float(np.median(err)), 3)
-        quality[f"native {path}: rows"] = len(sel)
-    points = []
-    for p, t in rows:
-        if math.isnan(t["native"]):
-            continue
-        ratios = [math.log(t[f] / t["native"]) if not math.isnan(t[f]) else math.nan for f in FORMS[1:]]
-        points.append(features(p, block) + ratios)
-    return Profile(provider, device, ort_version, block, True, fitted=datetime.date.today().isoformat(),
-                   source=source, native=native, neighbours=neighbours, margin=margin, points=points,
-                   fit_quality=quality)
-
-
 class Planner:
-    """Picks a form per conv for one provider: measurements from the tune cache first, else the profile."""
+    """Picks a form per conv for one provider: measured times first (`tune`), else the profile's predictions.
 
-    def __init__(self, provider: str = "cpu", cache: TuneCache | None = None, profile: Profile | None = None):
+    measured: ms per form by probe key, as measured on this target (tune_cache.TuneCache.times);
+    warning: why measurements that exist were not used (reports repeat it), '' when none.
+    """
+
+    def __init__(self, provider: str = "cpu", measured: dict[str, dict[str, float | None]] | None = None,
+                 profile: Profile | None = None, warning: str = ""):
         self.provider = provider
         self.profile = profile or load_profile(provider)
         self.device = runtime.device_name(provider)
         # The kernel-path flag is in the profile's coordinates: its machine's NCHWc block, never the host's.
         self.block = self.profile.block
-        self.target = target_key(provider)
-        cache = cache if cache is not None else TuneCache()
-        # A damaged cache must not silently turn measured picks into predicted ones.
-        self.warning = f"tune cache {cache.path} ignored: it is {cache.problem}" if cache.problem else ""
-        self.measured = {key: entry["times_ms"] for key, entry in cache.entries.get(self.target, {}).items()}
+        self.warning = warning
+        self.measured = dict(measured or {})
 
     def plan(self, spec, available=FORMS) -> Prediction:
         """The Prediction for a candidate's ConvSpec (its batch when static, else 1)."""

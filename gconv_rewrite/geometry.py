@@ -1,13 +1,19 @@
-"""`ConvSpec`: the geometry of an N-d ONNX Conv, with the shapes and costs derived from it."""
+"""The one description of a conv: `ConvSpec` (an N-d ONNX Conv's geometry, with the shapes and costs
+derived from it), `Probe` (a ConvSpec at a concrete input shape: what a measurement keys on, with
+its text key), and the names of the exact forms a grouped conv can be written in."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
+from onnx import helper
 
 Dim = int | str | None  # a static size, a symbolic dim name, or unknown
+Form = Literal["native", "dw", "split", "dense"]
+FORMS = ("native", "dw", "split", "dense")  # every exact form of a grouped conv, native first
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,6 @@ def conv_output_dims(spatial, kernel, strides, dilations, pads, auto_pad: str) -
 
 def conv_attributes(node) -> dict:
     """Conv attributes as plain Python values (lists of ints, strings, ints)."""
-    from onnx import helper
-
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -149,3 +153,80 @@ def spec_from_conv(node, weight_shape: tuple[int, ...], dtype: np.dtype,
         input_shape=tuple(input_shape) if input_shape is not None else None,
         output_shape=tuple(output_shape) if output_shape is not None else None,
     )
+
+
+class Probe(ConvSpec):
+    """A ConvSpec at a concrete input shape (static batch and spatial sizes): everything that decides
+    a conv's run time, and the text key (`key()`) under which measurements and calibration rows of
+    it are stored. Built from the same fields a calibration row names, in the key's order."""
+
+    def __init__(self, c_in: int, c_out: int, group: int, spatial: tuple[int, ...], kernel: tuple[int, ...],
+                 strides: tuple[int, ...], dilations: tuple[int, ...], pads: tuple[int, ...] | None, auto_pad: str,
+                 dtype: str, batch: int):
+        spatial = tuple(spatial)
+        out = conv_output_dims(spatial, kernel, strides, dilations, pads, auto_pad)
+        super().__init__(c_in, c_out, group, tuple(kernel), tuple(strides), tuple(dilations), pads, auto_pad, dtype,
+                         input_shape=(int(batch), c_in) + spatial, output_shape=(int(batch), c_out) + out)
+
+    @classmethod
+    def from_spec(cls, spec: ConvSpec, batch: int | None = None) -> "Probe | None":
+        """The probe of a candidate's spec; None when its spatial size is not static. A symbolic batch is 1."""
+        shape = spec.input_shape
+        if not shape or len(shape) != spec.rank + 2 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+            return None
+        if batch is None:
+            batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
+        return cls(spec.c_in, spec.c_out, spec.group, tuple(shape[2:]), spec.kernel, spec.strides, spec.dilations,
+                   spec.pads, spec.auto_pad, spec.dtype, int(batch))
+
+    def __eq__(self, other) -> bool:
+        """Same geometry at the same input shape (a ConvSpec alone compares geometry only)."""
+        return isinstance(other, Probe) and super().__eq__(other) and self.input_shape == other.input_shape
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __repr__(self) -> str:
+        return f"Probe({self.key()!r})"
+
+    @property
+    def batch(self) -> int:
+        """The batch size the probe is measured at."""
+        return self.input_shape[0]  # type: ignore[index,return-value]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The input spatial size."""
+        return self.input_shape[2:]  # type: ignore[index,return-value]
+
+    def output_spatial(self) -> tuple[int, ...]:
+        """The output spatial size (ONNX arithmetic, see conv_output_dims)."""
+        return self.output_shape[2:]  # type: ignore[index,return-value]
+
+    def key(self) -> str:
+        """A stable text key (cache, CSV): the shipped profile's data and users' tune caches use it."""
+        pads = "x".join(map(str, self.pads)) if self.pads is not None else self.auto_pad
+        join = lambda v: "x".join(map(str, v))  # noqa: E731
+        return (f"{self.dtype} N{self.batch} Cin{self.c_in} Cout{self.c_out} G{self.group} in{join(self.spatial)} "
+                f"k{join(self.kernel)} s{join(self.strides)} d{join(self.dilations)} p{pads}")
+
+    def intermediate_bytes(self) -> int:
+        """Bytes of the depthwise emulation's intermediate (C_in*Cog channels at the output size)."""
+        return self.batch * self.emulation_intermediate_elements() * np.dtype(self.dtype).itemsize
+
+
+def parse_probe(key: str) -> Probe:
+    """The inverse of Probe.key()."""
+    parts = key.split()
+    dtype, fields = parts[0], {}
+    for part in parts[1:]:
+        for tag in ("Cin", "Cout", "in", "N", "G", "k", "s", "d", "p"):
+            if part.startswith(tag) and (part[len(tag):][:1].isdigit() or tag == "p"):
+                fields.setdefault(tag, part[len(tag):])
+                break
+    dims = lambda v: tuple(int(x) for x in v.split("x"))  # noqa: E731
+    pads = fields["p"]
+    pad_tuple = dims(pads) if pads[:1].isdigit() else None
+    return Probe(int(fields["Cin"]), int(fields["Cout"]), int(fields["G"]), dims(fields["in"]), dims(fields["k"]),
+                 dims(fields["s"]), dims(fields["d"]), pad_tuple, "NOTSET" if pad_tuple is not None else pads,
+                 dtype, int(fields["N"]))

@@ -267,12 +267,35 @@ def infer_value_infos(skel: onnx.ModelProto, strict: bool) -> "ScopedInfos":
     onnx's data propagation keeps one table of values by name across scopes, so sibling If
     branches that reuse a name (which onnx.checker and onnxruntime accept) trip it: then the
     model is inferred without propagated values; the analysis evaluates shape subgraphs itself.
+    Strict, that fallback is taken only where scopes do reuse a name: elsewhere a failure with
+    propagated values is an inconsistency of the model (e.g. a Reshape target that makes an Add's
+    shapes incompatible), not onnx's limitation, and is raised.
     """
     infer = onnx.shape_inference.infer_shapes
     try:
         return value_infos(infer(skel, check_type=True, strict_mode=strict, data_prop=True))
     except Exception:
+        if strict and not names_reused_across_scopes(skel.graph):
+            raise
         return value_infos(infer(skel, check_type=True, strict_mode=strict, data_prop=False))
+
+
+def names_reused_across_scopes(graph: GraphProto) -> bool:
+    """True when two scopes (the graph, If branches, Loop/Scan bodies, at any depth) define the same
+    name: what onnx's data propagation, with one table of values for all scopes, cannot handle."""
+    seen: set[str] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        own = {i.name for i in g.input} | {t.name for t in g.initializer}
+        own |= {o for n in g.node for o in n.output if o}
+        if own & seen:
+            return True
+        seen |= own
+        for node in g.node:
+            if node.attribute:
+                stack.extend(subgraphs(node))
+    return False
 
 
 class ScopedInfos(dict):

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import model_io, runtime, tuning
-from .cost import Planner, Prediction
+from . import model_io, runtime
+from .cost import Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
-from .geometry import ConvSpec
+from .geometry import FORMS, ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
-from .wording import tail, warning_lines
+from .tune_cache import cached_planner
+from .wording import INSPECT_REPORT, schema, tail, warning_lines
 
 
 @dataclass
@@ -105,7 +106,7 @@ class InspectReport:
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/inspect-report, docs/reports.md)."""
-        return {"schema": "gconv-rewrite/inspect-report", "version": 1, "provider": self.provider,
+        return {**schema(INSPECT_REPORT), "provider": self.provider,
                 "cost_model": self.cost_model, "findings": [asdict(f) for f in self.findings],
                 "warnings": self.warnings}
 
@@ -126,7 +127,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     resolved = ShapeTable(loaded, model_io.shapes_at(loaded, input_shapes)) if input_shapes else None
     opset = default_opset(loaded)
     choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
-    planner = Planner(choice.name, tuning.TuneCache(cache))
+    planner = cached_planner(choice.name, cache)
     report = InspectReport(provider=choice.name, cost_model=planner.describe(),
                            warnings=[planner.warning] if planner.warning else [])
 
@@ -139,7 +140,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
         for cand in analyse(ix):
             finding = _finding(cand, path, planning_spec(cand, resolved))
             if finding.status != "skipped" and finding.spec is not None and not finding.spec.is_depthwise:
-                finding.prediction = planner.plan(finding.spec, tuple(f for f in tuning.FORMS if f != "dw" or opset >= 5))
+                finding.prediction = planner.plan(finding.spec, tuple(f for f in FORMS if f != "dw" or opset >= 5))
             report.findings.append(finding)
 
     visit(loaded.graph, None, "main")

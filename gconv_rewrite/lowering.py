@@ -1,5 +1,8 @@
 """The weight algebra of each form, and the nodes that express it. Pure numpy + onnx.helper.
 
+`emit` writes one grouped conv in any exact form (the rewriter's edits and the single-conv
+probe models that tuning times both come from it: what is measured is what is written).
+
 Index conventions (C_in = G*Cig, C_out = G*Cog):
 - grouped Conv weight W[g*Cog + m, i, k...] connects input channel c = g*Cig + i to output g*Cog + m;
 - the depthwise emulation's channel j = c*Cog + m carries W[g*Cog + m, i] (channel multiplier Cog);
@@ -8,13 +11,18 @@ Index conventions (C_in = G*Cig, C_out = G*Cog):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from math import gcd
 
+
 import numpy as np
+import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from .channelmap import ChannelMap
+from .geometry import FORMS, Probe
+from .graph import NameGen
 
 
 class NotFusable(Exception):
@@ -232,3 +240,127 @@ def reduce_sum_node(data: str, axes: list[int], output: str, name: str, opset: i
         return helper.make_node("ReduceSum", [data], [output], name=name, axes=axes, keepdims=0), []
     return (helper.make_node("ReduceSum", [data, axes_name], [output], name=name, keepdims=0),
             [int64_tensor(axes_name, axes)])
+
+
+# -- the forms -----------------------------------------------------------------------------------
+
+def emit(form: str, opset: int, out_shape, x: str, weight: np.ndarray, bias: np.ndarray | None, group: int,
+         template: NodeProto, out: str, base: str, names: NameGen) -> tuple[list[NodeProto], list]:
+    """Nodes and initializers computing the grouped Conv (weight, bias, group, template's attributes)
+    of `x` into `out`, in the given form. `out_shape`: `out`'s shape where known (the dw form's
+    Reshapes are constants when its spatial dims are static, else read at run time); `opset`: the
+    graph's default opset (Split and ReduceSum take their sizes as inputs from 13)."""
+    def const(suffix, array):
+        name = names(f"{base}.{suffix}")
+        inits.append(tensor(name, array))
+        return name
+
+    inits: list = []
+    node_name = template.name or names(f"{base}/conv")
+    if form == "native":
+        inputs = [x, const("weight", weight)] + ([const("bias", bias)] if bias is not None else [])
+        return [conv_node(template, inputs, out, group, node_name)], inits
+    if form == "dense":
+        inputs = [x, const("dense_weight", dense_weights(weight, group))] + (
+            [const("bias", bias)] if bias is not None else [])
+        return [conv_node(template, inputs, out, 1, node_name)], inits
+    if form == "split":
+        cig = weight.shape[1]
+        parts = [names(f"{base}.in{g}") for g in range(group)]
+        outs = [names(f"{base}.out{g}") for g in range(group)]
+        if opset >= 13:
+            sizes = names(f"{base}.split_sizes")
+            inits.append(int64_tensor(sizes, [cig] * group))
+            new = [helper.make_node("Split", [x, sizes], parts, name=names(f"{base}/split"), axis=1)]
+        else:
+            new = [helper.make_node("Split", [x], parts, name=names(f"{base}/split"), axis=1, split=[cig] * group)]
+        for g, (w, b) in enumerate(split_weights(weight, bias, group)):
+            inputs = [parts[g], const(f"weight{g}", w)] + ([const(f"bias{g}", b)] if b is not None else [])
+            new.append(conv_node(template, inputs, outs[g], 1, names(f"{node_name}/group{g}")))
+        new.append(helper.make_node("Concat", outs, [out], name=names(f"{base}/concat"), axis=1))
+        return new, inits
+    return _emit_dw(opset, out_shape, x, weight, bias, group, template, out, base, names, node_name, inits)
+
+
+def _emit_dw(opset, out_shape, x, weight, bias, group, template, out, base, names, node_name, inits):
+    """Depthwise Conv (multiplier Cog) + Reshape [N,G,Cig,Cog,spatial] + ReduceSum + Reshape [N,Cout,spatial]."""
+    c_out, cig = weight.shape[:2]
+    g, cog, rank = group, c_out // group, weight.ndim - 2
+    depthwise, dw_bias = expand_weights(weight, bias, g)
+    w_name = names(f"{base}.dw_weight")
+    inits.append(tensor(w_name, depthwise))
+    inputs = [x, w_name]
+    if dw_bias is not None:
+        b_name = names(f"{base}.dw_bias")
+        inits.append(tensor(b_name, dw_bias))
+        inputs.append(b_name)
+    dw_out = names(f"{base}.dw_out")
+    new = [conv_node(template, inputs, dw_out, g * cig, node_name)]
+    spatial = list(out_shape[2:]) if out_shape is not None and len(out_shape) == rank + 2 else None
+    head5, head_out = [0, g, cig, cog], [0, c_out]
+    shape_a, shape_b = names(f"{base}.grouped_shape"), names(f"{base}.out_shape")
+    if spatial is not None and all(isinstance(d, int) and d > 0 for d in spatial):
+        inits += [int64_tensor(shape_a, head5 + spatial), int64_tensor(shape_b, head_out + spatial)]
+    else:  # dynamic spatial dims: read them from the depthwise output at run time
+        dims, sp = names(f"{base}.dw_shape"), names(f"{base}.spatial")
+        idx, h5, ho = names(f"{base}.spatial_axes"), names(f"{base}.head_grouped"), names(f"{base}.head_out")
+        inits += [int64_tensor(idx, list(range(2, 2 + rank))), int64_tensor(h5, head5), int64_tensor(ho, head_out)]
+        new += [helper.make_node("Shape", [dw_out], [dims], name=names(f"{base}/shape")),
+                helper.make_node("Gather", [dims, idx], [sp], name=names(f"{base}/spatial"), axis=0),
+                helper.make_node("Concat", [h5, sp], [shape_a], name=names(f"{base}/grouped_shape"), axis=0),
+                helper.make_node("Concat", [ho, sp], [shape_b], name=names(f"{base}/out_shape"), axis=0)]
+    grouped, summed = names(f"{base}.grouped"), names(f"{base}.summed")
+    reduce, reduce_inits = reduce_sum_node(grouped, [2], summed, names(f"{base}/reduce_sum"), opset,
+                                           names(f"{base}.reduce_axes"))
+    inits += reduce_inits
+    new += [helper.make_node("Reshape", [dw_out, shape_a], [grouped], name=names(f"{base}/reshape_grouped")),
+            reduce,
+            helper.make_node("Reshape", [summed, shape_b], [out], name=names(f"{base}/reshape_out"))]
+    return new, inits
+
+
+# -- single-conv probe models ----------------------------------------------------------------------
+
+def probe_model(probe: Probe, seed: int = 0) -> onnx.ModelProto:
+    """The single-node native model of `probe` (float weights with a bias): input x -> Conv -> output y."""
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(probe.dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
+    fan_in = probe.cig * math.prod(probe.kernel)
+    w = (rng.standard_normal((probe.c_out, probe.cig) + probe.kernel) / math.sqrt(fan_in)).astype(np_dtype)
+    b = rng.standard_normal(probe.c_out).astype(np_dtype)
+    attrs = dict(group=probe.group, kernel_shape=list(probe.kernel), strides=list(probe.strides),
+                 dilations=list(probe.dilations))
+    if probe.pads is not None:
+        attrs["pads"] = list(probe.pads)
+    else:
+        attrs["auto_pad"] = probe.auto_pad
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)
+    x = helper.make_tensor_value_info("x", elem, [probe.batch, probe.c_in, *probe.spatial])
+    y = helper.make_tensor_value_info("y", elem, [probe.batch, probe.c_out, *probe.output_spatial()])
+    graph = helper.make_graph([node], "probe", [x], [y],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def form_models(probe: Probe) -> dict[str, onnx.ModelProto]:
+    """The probe in every exact form it has, each written by `emit`, as the rewriter writes it.
+
+    Only a grouped conv (1 < G < C_in, C_out a multiple of G) with float weights has other forms
+    than native: the same convs the rewriter rewrites."""
+    native = probe_model(probe)
+    models = {"native": native}
+    if not (probe.is_grouped and probe.c_out % probe.group == 0 and np.dtype(probe.dtype).kind == "f"):
+        return models
+    conv = native.graph.node[0]
+    weight, bias = (numpy_helper.to_array(t) for t in native.graph.initializer)
+    out_shape = (probe.batch, probe.c_out) + probe.output_spatial()
+    for form in FORMS[1:]:
+        nodes, inits = emit(form, 17, out_shape, "x", weight, bias, probe.group, conv, "y", "conv", NameGen(native))
+        model = onnx.ModelProto()
+        model.CopyFrom(native)
+        del model.graph.node[:], model.graph.initializer[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(inits)
+        models[form] = model
+    return models

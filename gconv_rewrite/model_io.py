@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Iterator
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto
 
 from .errors import GconvError
+from .graph import infer_value_infos, skeleton
 
-ModelSource = ModelProto | str | os.PathLike
+# A path, a ModelProto, or an onnx-graphsurgeon Graph (how TensorRT pipelines hold their models).
+ModelSource = ModelProto | gs.Graph | str | os.PathLike
 _TWO_GB = 2**31 - 1
 
 
@@ -93,6 +96,8 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
     weights=False leaves external data on disk (locations still checked): enough to read the
     graph, for example to hand the path to onnxruntime.
     """
+    if isinstance(src, gs.Graph):
+        src = from_graphsurgeon(src)
     if isinstance(src, ModelProto):
         model = ModelProto()
         model.CopyFrom(src)
@@ -126,10 +131,56 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
                 raise GconvError(f"{path}: cannot read external data ({_first_line(exc)})") from None
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
+    check_strings(model, path or "model")
     _check_versions(model, path or "model")
     infos = validate(model, path or "model")
     return model, ModelInfo(path=path, ir_version=model.ir_version, opsets=opsets_of(model), external_data=had_external,
                             value_infos=infos, weight_bytes=sum(tensor_nbytes(t) for t in model.graph.initializer))
+
+
+def from_graphsurgeon(graph: gs.Graph) -> ModelProto:
+    """A graphsurgeon Graph as a ModelProto, by graphsurgeon's own exporter (which keeps its IR version and opsets);
+    the Graph is not changed."""
+    try:
+        return gs.export_onnx(graph)
+    except Exception as exc:  # e.g. a graph input or output without a dtype
+        raise GconvError(f"cannot export the onnx-graphsurgeon Graph ({type(exc).__name__}: {_first_line(exc)})") \
+            from None
+
+
+def to_graphsurgeon(model: ModelProto) -> gs.Graph:
+    """A ModelProto as a graphsurgeon Graph, by graphsurgeon's own importer."""
+    return gs.import_onnx(model)
+
+
+def check_strings(message, label: str = "model") -> None:
+    """Every string field must be UTF-8: protobuf parses a damaged name without complaint and fails only when it is
+    read, deep in the work. Walks messages and string fields only (never copies a tensor's bytes)."""
+    try:
+        _walk_strings(message)
+    except UnicodeDecodeError as exc:
+        raise GconvError(f"{label}: not a valid ONNX model (a name or string is not UTF-8 at byte {exc.start}: "
+                         "a damaged file?)") from None
+
+
+def _repeated(fd) -> bool:
+    """protobuf 7 has FieldDescriptor.is_repeated; older ones only `label`."""
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
+def _walk_strings(message) -> None:
+    for fd in message.DESCRIPTOR.fields:
+        if fd.type == fd.TYPE_STRING:  # protobuf hands back bytes (or raises) where the UTF-8 is broken
+            values = getattr(message, fd.name)
+            for value in values if _repeated(fd) else (values,):
+                if isinstance(value, bytes):
+                    value.decode()  # raises UnicodeDecodeError, with the position
+        elif fd.type == fd.TYPE_MESSAGE:
+            if _repeated(fd):
+                for item in getattr(message, fd.name):
+                    _walk_strings(item)
+            elif message.HasField(fd.name):
+                _walk_strings(getattr(message, fd.name))
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -147,8 +198,6 @@ def check_writable(path: str | os.PathLike) -> None:
 def validate(model: ModelProto, label: str = "model") -> dict:
     """onnx.checker and strict shape inference on the model's structure (a weightless copy, so it
     is cheap) and the sizes of its weights; returns the inferred ValueInfos for the analysis."""
-    from .graph import infer_value_infos, skeleton  # the graph helpers need nothing from here
-
     for tensor in iter_tensors(model):
         expected = tensor_nbytes(tensor)
         # Reading raw_data copies it: sizes of weights over 256 MB are left to onnxruntime to check.
@@ -194,8 +243,6 @@ def check_input_shapes(model: ModelProto, input_shapes: dict[str, tuple[int, ...
 def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict:
     """The model's value shapes when its graph inputs have `input_shapes` (--input-shape): what the
     cost model plans with where the model's own spatial dims are symbolic. The model is not changed."""
-    from .graph import infer_value_infos, skeleton
-
     check_input_shapes(model, input_shapes)
     skel = skeleton(model)
     inputs = {vi.name: vi for vi in skel.graph.input}

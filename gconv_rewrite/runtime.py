@@ -6,12 +6,15 @@ import contextlib
 import functools
 import gc
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from .errors import GconvError
 
@@ -21,8 +24,7 @@ _CPU = "CPUExecutionProvider"
 
 
 def _ort():
-    import onnxruntime as ort
-
+    """onnxruntime, its logger quietened before first use."""
     ort.set_default_logger_severity(4)  # expected fallbacks must not print red errors
     return ort
 
@@ -75,7 +77,6 @@ def _cuda_run_probe(ort) -> str:
                 ort.preload_dlls()
             except Exception:
                 pass
-        from onnx import TensorProto, helper
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
         w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [1.0, 2.0])
@@ -264,7 +265,6 @@ def _cpu_name() -> str:
                 if line.strip() == "":
                     break  # the first processor says it all
     except OSError:
-        import platform
         name = platform.processor() or platform.machine() or name
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else ""
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

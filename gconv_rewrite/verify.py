@@ -17,10 +17,13 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from . import model_io, runtime
 from .errors import GconvError
+from .graph import _inferred_value_infos
+from .wording import VERIFY_REPORT, schema
 
 DEFAULT_BATCH = 2
 # The analysis traces symbolic dims at batch 2 and spatial sizes below this (analysis._probe): a
@@ -146,7 +149,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         """Plain data (schema gconv-rewrite/verify-report, docs/reports.md)."""
-        return {"schema": "gconv-rewrite/verify-report", "version": 1} | asdict(self) | {"passed": self.passed}
+        return schema(VERIFY_REPORT) | asdict(self) | {"passed": self.passed}
 
 
 def verify(original: model_io.ModelSource, rewritten: model_io.ModelSource, provider: str = "auto", *,
@@ -413,7 +416,6 @@ def float32_twin(model: ModelProto) -> ModelProto:
 
 def first_divergence(a: ModelProto, b: ModelProto, feed, choice, tolerance) -> Divergence | None:
     """Mark every value both models compute as an output and find the first (in A's order) that differs."""
-    from .graph import _inferred_value_infos
     infos_a, infos_b = _inferred_value_infos(a), _inferred_value_infos(b)
     produced_b = {o: n for n in b.graph.node for o in n.output}
     order = [(n, o) for n in a.graph.node for o in n.output
@@ -655,6 +657,8 @@ def _unresolved(name: str, dims, batch: int) -> str:
 
 def _as_model(src: model_io.ModelSource) -> tuple[ModelProto, str | None]:
     """The model, and its path when onnxruntime can load it from there directly (no temporary copy)."""
+    if isinstance(src, gs.Graph):
+        return model_io.from_graphsurgeon(src), None
     if isinstance(src, ModelProto):
         return src, None
     return model_io.load(src, weights=False)[0], os.fspath(src)

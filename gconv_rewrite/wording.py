@@ -1,9 +1,23 @@
-"""Text shared by the terminal reports (inspect, rewrite, tune): 80 columns, the same warnings."""
+"""Text shared by all reports: the JSON schema ids and versions of every report, and the terminal
+reports' helpers (80 columns, the same warnings). Each report's own wording is beside its data:
+report.py (rewrite), inspection.py, tune_report.py, verify.py."""
 
 from __future__ import annotations
 
 import textwrap
 from typing import Iterable
+
+# The JSON reports (docs/reports.md): schema id and version. Bump a version on any change that is not
+# a pure addition of fields.
+REWRITE_REPORT = ("gconv-rewrite/rewrite-report", 1)
+INSPECT_REPORT = ("gconv-rewrite/inspect-report", 1)
+TUNE_REPORT = ("gconv-rewrite/tune-report", 1)
+VERIFY_REPORT = ("gconv-rewrite/verify-report", 1)
+
+
+def schema(report: tuple[str, int]) -> dict:
+    """The opening keys of a JSON report: {"schema": id, "version": n}."""
+    return {"schema": report[0], "version": report[1]}
 
 
 def tail(name: str, width: int) -> str:

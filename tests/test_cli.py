@@ -418,3 +418,63 @@ def test_form_and_an_explicit_direction_exclude_each_other(tmp_path):
 def test_auto_without_timing_says_the_guard_did_not_run(tmp_path):
     result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--no-latency")
     assert result.exit_code == 0 and "the never-regress guard did not run" in " ".join(result.output.split())
+
+
+# -- whose fault: bad input (exit 2) vs a bug of the tool (exit 3) ---------------------------------------------------
+
+def _broken_rewrite(*args, **kwargs):
+    raise ZeroDivisionError("a bug planted by the test")
+
+
+def test_a_bug_is_an_internal_error_not_bad_input(tmp_path, monkeypatch):
+    """Any exception that is not a GconvError says it is the tool's fault, with the version, and no traceback."""
+    from gconv_rewrite import __version__, api
+    monkeypatch.setattr(api, "rewrite", _broken_rewrite)
+    monkeypatch.delenv("GCONV_REWRITE_DEBUG", raising=False)
+    result = invoke(SAMPLE, "-o", tmp_path / "o.onnx", "--provider", "cpu")
+    assert result.exit_code == 3, result.output
+    line, = result.output.strip().splitlines()
+    assert line.startswith(f"internal error in gconv-rewrite {__version__} (ZeroDivisionError: a bug planted")
+    assert "not a problem with your model" in line and "--debug" in line
+    assert "Traceback" not in result.output and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("how", ["flag-first", "flag-last", "env"])
+def test_debug_shows_the_traceback_of_an_internal_error(tmp_path, monkeypatch, how):
+    from gconv_rewrite import api
+    monkeypatch.setattr(api, "rewrite", _broken_rewrite)
+    monkeypatch.setenv("GCONV_REWRITE_DEBUG", "")  # recorded, so what --debug sets is undone after the test
+    monkeypatch.delenv("GCONV_REWRITE_DEBUG")
+    args = [SAMPLE, "-o", tmp_path / "o.onnx"]
+    if how == "env":
+        monkeypatch.setenv("GCONV_REWRITE_DEBUG", "1")
+    args = ["--debug"] + args if how == "flag-first" else args + ["--debug"] if how == "flag-last" else args
+    result = invoke(*args)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" in result.output and "_broken_rewrite" in result.output
+    assert "internal error in gconv-rewrite" in result.output.strip().splitlines()[-1]
+
+
+def test_internal_error_raised_by_the_tool_exits_3(tmp_path, monkeypatch):
+    from gconv_rewrite import api
+    from gconv_rewrite.errors import InternalError
+
+    def fail(*a, **k):
+        raise InternalError("the rewritten model does not load in onnxruntime")
+    monkeypatch.setattr(api, "inspect", fail)
+    result = invoke("inspect", SAMPLE)
+    assert result.exit_code == 3 and "the rewritten model does not load" in result.output
+
+
+def test_a_name_that_is_not_utf8_is_bad_input(tmp_path):
+    """protobuf parses a damaged name and fails only when it is read: refused at load, one line, exit 2."""
+    model = onnx.load(SAMPLE)
+    model.graph.node[0].name = "PLACEHOLDER-NAME"
+    damaged = model.SerializeToString().replace(b"PLACEHOLDER-NAME", b"\xccLACEHOLDER-NAME")
+    src = tmp_path / "damaged.onnx"
+    src.write_bytes(damaged)
+    result = invoke(src, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {src}: not a valid ONNX model (a name or string is not UTF-8 at byte 0: " \
+                                    "a damaged file?)"
+    assert not (tmp_path / "o.onnx").exists()

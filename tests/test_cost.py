@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import gconv_rewrite as gr
-from gconv_rewrite import cost, runtime, tuning
+from gconv_rewrite import cost, cost_fit, geometry, lowering, runtime, tune_cache
 from gconv_rewrite.rewrite import rewrite_model
 from gconv_rewrite.samples import grouped_conv_model
 
@@ -20,7 +20,7 @@ from conftest import MODELS, max_rel_err, run_ort
 
 
 def probe(cin=64, cout=64, g=16, size=28, k=3, s=1, n=1):
-    return tuning.Probe(cin, cout, g, (size, size), (k, k), (s, s), (1, 1), (k // 2,) * 4, "NOTSET", "float32", n)
+    return geometry.Probe(cin, cout, g, (size, size), (k, k), (s, s), (1, 1), (k // 2,) * 4, "NOTSET", "float32", n)
 
 
 def synthetic_rows():
@@ -39,11 +39,11 @@ def synthetic_rows():
 
 def test_probe_key_round_trip_and_output_size_matches_onnxruntime():
     for p in (probe(), probe(k=5, s=2, n=8),
-              tuning.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (1, 1), None, "SAME_UPPER", "float32", 2),
-              tuning.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (2, 1), (1, 0, 2, 1), "NOTSET", "float32", 2),
-              tuning.Probe(24, 48, 3, (17,), (3,), (2,), (1,), None, "VALID", "float16", 1)):
-        assert cost.parse_probe(p.key()) == p
-        model = p.model()
+              geometry.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (1, 1), None, "SAME_UPPER", "float32", 2),
+              geometry.Probe(24, 48, 3, (17, 9), (3, 1), (2, 1), (2, 1), (1, 0, 2, 1), "NOTSET", "float32", 2),
+              geometry.Probe(24, 48, 3, (17,), (3,), (2,), (1,), None, "VALID", "float16", 1)):
+        assert geometry.parse_probe(p.key()) == p
+        model = lowering.probe_model(p)
         x = np.zeros((p.batch, p.c_in, *p.spatial), np.dtype(p.dtype))
         (y,) = run_ort(model, {"x": x}).values()
         assert y.shape[2:] == p.output_spatial()
@@ -51,8 +51,8 @@ def test_probe_key_round_trip_and_output_size_matches_onnxruntime():
 
 def test_probe_forms_are_exact_and_written_by_the_rewriter():
     p = probe(cin=32, cout=32, g=4, size=10, k=3)
-    models = tuning.form_models(p)
-    assert set(models) == set(tuning.FORMS)
+    models = lowering.form_models(p)
+    assert set(models) == set(geometry.FORMS)
     x = np.random.default_rng(0).standard_normal((1, 32, 10, 10)).astype(np.float32)
     ref = run_ort(models["native"], {"x": x})["y"]
     ops = {f: {n.op_type for n in m.graph.node} for f, m in models.items()}
@@ -62,7 +62,7 @@ def test_probe_forms_are_exact_and_written_by_the_rewriter():
 
 
 def test_fit_learns_where_split_wins_and_refuses_small_gains():
-    profile = cost.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
+    profile = cost_fit.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
     big = profile.choose(probe(cin=128, cout=128, g=16, size=20, k=5), current_device="test device")  # Cig=8, k=5
     small = profile.choose(probe(cin=64, cout=64, g=16, size=20, k=1), current_device="test device")
     assert big.form == "split" and big.basis == "calibrated"
@@ -71,14 +71,14 @@ def test_fit_learns_where_split_wins_and_refuses_small_gains():
     assert small.form == "native"
     # a predicted gain below the margin keeps native, and says so
     rows = [(p, dict(t, split=t["native"] * 0.97)) for p, t in synthetic_rows()]
-    close = cost.fit(rows, "cpu", "test device", "0", block=16).choose(probe(cin=128, cout=128, g=16, size=20, k=5))
+    close = cost_fit.fit(rows, "cpu", "test device", "0", block=16).choose(probe(cin=128, cout=128, g=16, size=20, k=5))
     assert close.form == "native" and close.why.startswith("native kept: split predicted only 1.03x faster")
     # a form the caller cannot write is never chosen
     assert profile.choose(probe(cin=128, cout=128, g=16, size=20, k=5), available=("native", "dw")).form == "native"
 
 
 def test_profile_round_trips_and_other_devices_get_the_prior(tmp_path):
-    profile = cost.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
+    profile = cost_fit.fit(synthetic_rows(), "cpu", "test device", "0", block=16)
     path = tmp_path / "p.json"
     profile.save(str(path))
     again = cost.Profile.from_dict(json.loads(path.read_text()))
@@ -96,7 +96,7 @@ def test_shipped_cpu_profile_and_the_cuda_prior():
     assert cpu.calibrated and len(cpu.points) >= 300 and set(cpu.native) == {"nchwc", "plain"}
     assert cpu.device and cpu.ort_version and cpu.block in (8, 16)
     times = cpu.predict(probe())
-    assert set(times) == set(tuning.FORMS) and all(t > 0 for t in times.values())
+    assert set(times) == set(geometry.FORMS) and all(t > 0 for t in times.values())
     cuda = cost.load_profile("cuda")
     pred = cuda.choose(probe(), current_device=runtime.device_name("cuda"))
     assert not cuda.calibrated and pred.basis == "prior" and pred.form == "native"
@@ -108,9 +108,9 @@ def test_shipped_cpu_profile_and_the_cuda_prior():
 def test_reports_that_rely_on_the_cuda_prior_say_uncalibrated():
     """Planning for CUDA (no calibration yet): every row and the summary say the numbers are a prior."""
     from gconv_rewrite import model_io
-    from gconv_rewrite.rewrite import RewriteResult
+    from gconv_rewrite.report import RewriteResult
     model, info = model_io.load(MODELS / "resnext_emulated_tf.onnx")
-    planner = cost.Planner("cuda", tuning.TuneCache(None, read=False))
+    planner = cost.Planner("cuda")
     decisions = rewrite_model(model, "auto", None, info.value_infos, planner)
     result = RewriteResult(model, decisions, "auto", info, provider="cuda", planner=planner.describe())
     assert [d.action for d in decisions] == ["fused", "fused"]  # the emulations still become one Conv
@@ -123,7 +123,7 @@ def _forced_profile(winner: str) -> cost.Profile:
     """A calibrated profile, for this device, in which `winner` is 2x faster than native everywhere."""
     rows = [(p, {f: t["native"] * (0.5 if f == winner else 3.0) if f != "native" else t["native"] for f in t})
             for p, t in synthetic_rows()]
-    return cost.fit(rows, "cpu", runtime.device_name("cpu"), runtime.ort_version(), block=runtime.nchwc_block())
+    return cost_fit.fit(rows, "cpu", runtime.device_name("cpu"), runtime.ort_version(), block=runtime.nchwc_block())
 
 
 @pytest.mark.parametrize("winner", ["split", "dense"])
@@ -132,7 +132,7 @@ def test_auto_writes_the_predicted_winner_and_it_is_exact(winner):
                                 batch=1)
     model = onnx.ModelProto()
     model.CopyFrom(sample.model)
-    planner = cost.Planner("cpu", tuning.TuneCache(), profile=_forced_profile(winner))
+    planner = tune_cache.cached_planner("cpu", profile=_forced_profile(winner))
     (d,) = rewrite_model(model, "auto", planner=planner)
     assert d.action == "converted" and d.form == winner and d.prediction.form == winner
     assert f"{winner} predicted" in d.reason
@@ -145,11 +145,11 @@ def test_auto_keeps_an_emulation_predicted_fastest_and_fuses_otherwise():
     sample = grouped_conv_model("nchw_reducesum", in_channels=32, out_channels=32, groups=4, spatial=(12, 12), batch=1)
     model = onnx.ModelProto()
     model.CopyFrom(sample.model)
-    (d,) = rewrite_model(model, "auto", planner=cost.Planner("cpu", tuning.TuneCache(), profile=_forced_profile("dw")))
+    (d,) = rewrite_model(model, "auto", planner=tune_cache.cached_planner("cpu", profile=_forced_profile("dw")))
     assert d.action == "kept" and d.form == "dw" and "dw predicted" in d.reason
     assert model.SerializeToString() == sample.model.SerializeToString()
-    (d,) = rewrite_model(model, "auto", planner=cost.Planner("cpu", tuning.TuneCache(),
-                                                             profile=_forced_profile("native")))
+    (d,) = rewrite_model(model, "auto", planner=tune_cache.cached_planner("cpu",
+                                                                                 profile=_forced_profile("native")))
     assert d.action == "fused" and d.form == "native"
 
 
@@ -159,7 +159,7 @@ def test_tune_measures_caches_and_rewrite_uses_the_measurements(tmp_path):
     first = gr.tune(path, "cpu", rounds=3, cache=cache)
     assert first.entries and not any(e.cached for e in first.entries)
     for e in first.entries:
-        assert set(e.times_ms) == set(tuning.FORMS) and all(t and t > 0 for t in e.times_ms.values())
+        assert set(e.times_ms) == set(geometry.FORMS) and all(t and t > 0 for t in e.times_ms.values())
         assert e.best == min(e.times_ms, key=e.times_ms.get)
     data = json.loads(open(cache).read())
     (target,) = data["targets"]
@@ -220,7 +220,7 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
     assert (refit.device, refit.block, refit.ort_version) == (shipped.device, shipped.block, shipped.ort_version)
     # Coefficients of collinear terms (Cig == Cog on most rows) differ between BLAS builds at 1e-5; the
     # predictions they make do not: compare what the profile is used for, on every measured geometry.
-    for p, _ in cost.read_measurements(str(ROOT / "benchmarks" / "data" / "cpu_calibration.csv")):
+    for p, _ in cost_fit.read_measurements(str(ROOT / "benchmarks" / "data" / "cpu_calibration.csv")):
         assert refit.native_ms(p) == pytest.approx(shipped.native_ms(p), rel=1e-9)
 
 
@@ -266,7 +266,7 @@ def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
     assert gr.inspect(model, "cpu", cache=str(foreign)).warnings == [warning]
     # a file of the right version whose entries are damaged: also a warning, not a KeyError
     damaged = tmp_path / "damaged.json"
-    damaged.write_text(json.dumps({"version": tuning.CACHE_VERSION, "targets": {"t": {"p": {"bad": 1}}}}))
+    damaged.write_text(json.dumps({"version": tune_cache.CACHE_VERSION, "targets": {"t": {"p": {"bad": 1}}}}))
     assert "malformed entries" in gr.inspect(model, "cpu", cache=str(damaged)).warnings[0]
 
 
@@ -284,9 +284,9 @@ def test_uncalibrated_geometries_keep_native_and_say_so():
     """Only 2-D float32 convs are calibrated: 1-D/3-D and float16 get the prior (native kept)."""
     profile = cost.load_profile("cpu")
     here = runtime.device_name("cpu")
-    for p in (tuning.Probe(32, 32, 4, (64,), (3,), (1,), (1,), (1, 1), "NOTSET", "float32", 1),
-              tuning.Probe(32, 32, 4, (8, 8, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 6, "NOTSET", "float32", 1),
-              tuning.Probe(32, 32, 4, (16, 16), (3, 3), (1, 1), (1, 1), (1,) * 4, "NOTSET", "float16", 1)):
+    for p in (geometry.Probe(32, 32, 4, (64,), (3,), (1,), (1,), (1, 1), "NOTSET", "float32", 1),
+              geometry.Probe(32, 32, 4, (8, 8, 8), (3, 3, 3), (1, 1, 1), (1, 1, 1), (1,) * 6, "NOTSET", "float32", 1),
+              geometry.Probe(32, 32, 4, (16, 16), (3, 3), (1, 1), (1, 1), (1,) * 4, "NOTSET", "float16", 1)):
         pred = profile.choose(p, current_device=here)
         assert pred.basis == "prior" and pred.form == "native" and "not calibrated" in pred.source
         measured = profile.choose(p, measured={"native": 2.0, "dw": 1.0, "split": 3.0, "dense": 3.0},
@@ -297,7 +297,7 @@ def test_uncalibrated_geometries_keep_native_and_say_so():
 def test_the_work_behind_the_predictions_is_counted_exactly():
     """The explanation each report gives: bytes and FLOPs of every form relative to native."""
     # Cin = Cout = 32, G = 8 (Cig = Cog = 4), 3x3 'same' conv on 8x8: input and output the same size.
-    p = tuning.Probe(32, 32, 8, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
+    p = geometry.Probe(32, 32, 8, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "NOTSET", "float32", 1)
     w = cost.work(p)
     x = y = 32 * 8 * 8 * 4
     assert w["native"] == (1, 2.0 * 32 * 4 * 9 * 64, x + y)

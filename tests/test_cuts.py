@@ -12,7 +12,7 @@ from gconv_rewrite.errors import InternalError
 from conftest import op_counts
 from test_sizes import C, G, COG, Builder, fuse, same_wherever_the_original_runs
 
-rewrite_module = importlib.import_module("gconv_rewrite.rewrite")
+surgery_module = importlib.import_module("gconv_rewrite.surgery")
 
 STATIC = (2, C, 5, 5)
 
@@ -55,11 +55,11 @@ def test_an_emulation_followed_by_a_channel_slice_is_fused_before_the_slice():
 
 def test_a_rewritten_model_that_does_not_load_is_an_internal_error(monkeypatch):
     # A bug injected into the graph surgery: the fused Conv writes a tensor nobody reads.
-    real = rewrite_module._emit
+    real = surgery_module.emit
 
-    def broken(form, ix, x, weight, bias, group, template, out, base, names):
-        return real(form, ix, x, weight, bias, group, template, out + "_lost", base, names)
-    monkeypatch.setattr(rewrite_module, "_emit", broken)
+    def broken(form, opset, out_shape, x, weight, bias, group, template, out, base, names):
+        return real(form, opset, out_shape, x, weight, bias, group, template, out + "_lost", base, names)
+    monkeypatch.setattr(surgery_module, "emit", broken)
     b = Builder(x_dims=STATIC)
     model = b.model(b.emulation())
     for verify_result in (True, False):
@@ -70,11 +70,11 @@ def test_a_rewritten_model_that_does_not_load_is_an_internal_error(monkeypatch):
 def test_a_rewritten_model_onnxruntime_cannot_run_is_an_internal_error(monkeypatch):
     from gconv_rewrite import api
     monkeypatch.setattr(api, "_check_rewritten", lambda model: None)  # let the broken model reach onnxruntime
-    real = rewrite_module._emit
+    real = surgery_module.emit
 
-    def broken(form, ix, x, weight, bias, group, template, out, base, names):
-        return real(form, ix, x, weight, bias, group, template, out + "_lost", base, names)
-    monkeypatch.setattr(rewrite_module, "_emit", broken)
+    def broken(form, opset, out_shape, x, weight, bias, group, template, out, base, names):
+        return real(form, opset, out_shape, x, weight, bias, group, template, out + "_lost", base, names)
+    monkeypatch.setattr(surgery_module, "emit", broken)
     b = Builder(x_dims=STATIC)
     with pytest.raises(InternalError, match="cannot run"):
         gr.rewrite(b.model(b.emulation()), "fuse", provider="cpu", latency=False)
