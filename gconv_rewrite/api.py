@@ -8,7 +8,7 @@ import numpy as np
 
 from . import model_io, runtime, tuning
 from .model_io import ModelSource
-from .errors import GconvError
+from .errors import GconvError, InternalError
 from .decide import DIRECTIONS, Direction
 from .geometry import FORMS, Form, Probe
 from .report import RewriteResult
@@ -16,7 +16,7 @@ from .rewrite import rewrite_model
 from .inspection import InspectReport, inspect
 from .tune_cache import TuneCache, cached_planner, target_key
 from .tune_report import TuneEntry, TuneReport
-from .verify import VerifyReport, check_arguments, verify
+from .verify import CandidateError, VerifyReport, check_arguments, verify
 
 __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
 
@@ -70,18 +70,32 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner, plan_shapes)
     result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
                            tuning=tune_report, warnings=[planner.warning] if planner.warning else [])
+    if result.changed:
+        _check_rewritten(rewritten)
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
         reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
-        result.verification = verify(reference, rewritten, provider,
-                                     inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
-                                     latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
-                                     progress=progress)
+        try:
+            result.verification = verify(reference, rewritten, provider,
+                                         inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes,
+                                         seed=seed, latency=latency, rounds=rounds, tolerance=tolerance,
+                                         compare_all=compare_all, progress=progress)
+        except CandidateError as exc:  # the original runs, so this is the tool's fault
+            raise InternalError(f"the rewrite produced a model onnxruntime cannot run ({exc})") from None
     if direction == "auto" and form is None and result.verification is not None:
         _never_regress(result, original)
     if direction == "auto" and form is None and result.changed and (result.verification is None or not latency):
         result.warnings.append("not timed (--no-verify or --no-latency): the never-regress guard did not run")
     return result
+
+
+def _check_rewritten(model) -> None:
+    """A rewritten model that onnx.checker or shape inference rejects is a bug of the tool, never
+    written (also with --no-verify)."""
+    try:
+        model_io.validate(model, "the rewritten model")
+    except GconvError as exc:
+        raise InternalError(f"the rewrite produced an invalid model ({exc})") from None
 
 
 def _never_regress(result: RewriteResult, original) -> None:

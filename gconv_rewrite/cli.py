@@ -214,7 +214,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         for d in result.decisions:
             say(d.row())
             if d.reason:
-                say(textwrap.fill(d.reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
+                reason = d.reason + (f" [{d.code}]" if d.code else "")
+                say(textwrap.fill(reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
         if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
             say("(* measured by tune; other times predicted by the cost model)")
     if result.tuning is not None and not quiet:

@@ -30,6 +30,7 @@ class Finding:
     emulation_nodes: int = 0  # nodes of the emulation region (depthwise Conv included)
     intermediate_mb_per_image: float | None = None  # the emulation's Cig-times-larger tensor
     prediction: Prediction | None = None  # each form's predicted (or tuned) time on the target
+    code: str = ""  # skipped: the reason's stable short code (docs/reports.md)
 
     def line(self) -> str:
         """The finding for the terminal (several lines of at most ~80 columns)."""
@@ -49,7 +50,7 @@ class Finding:
             verb = "uses" if self.status == "emulated" else "would use"
             parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MiB per image extra")
         if self.reason:
-            parts.append(self.reason)
+            parts.append(self.reason + (f" [{self.code}]" if self.code else ""))
         if self.prediction is not None and self.prediction.times_ms:
             parts.append(self.prediction.times_line())
             if self.prediction.work:
@@ -151,7 +152,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
 def _finding(cand, path: str, spec: ConvSpec | None) -> Finding:
     if isinstance(cand, Skip):
         what = "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops"
-        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec)
+        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec, code=cand.code)
     mb = None
     elements = spec.emulation_intermediate_elements()
     if isinstance(cand, Emulation) and spec.output_spatial_size() is not None:

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto
 
 from .errors import GconvError
-from .graph import skeleton, value_infos
+from .graph import infer_value_infos, skeleton
 
 # A path, a ModelProto, or an onnx-graphsurgeon Graph (how TensorRT pipelines hold their models).
 ModelSource = ModelProto | gs.Graph | str | os.PathLike
@@ -207,9 +207,7 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     skel = skeleton(model)
     infos: dict = {}
     try:  # strict: inconsistent types or shapes are bad input (ops without a known schema are skipped)
-        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
-        infos = value_infos(inferred)
-        del inferred
+        infos = infer_value_infos(skel, strict=True)
     except Exception as exc:
         if not _about_unloaded_data(model, exc):
             raise GconvError(f"{label}: shape inference fails ({_first_line(exc)})") from None
@@ -255,7 +253,7 @@ def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> di
             d.Clear()
             d.dim_value = size
     try:
-        return value_infos(onnx.shape_inference.infer_shapes(skel, check_type=True, data_prop=True))
+        return infer_value_infos(skel, strict=False)
     except Exception as exc:
         raise GconvError(f"--input-shape: shape inference fails with these shapes ({_first_line(exc)})") from None
 

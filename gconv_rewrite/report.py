@@ -39,6 +39,7 @@ class Decision:
     form: str | None = None  # the form afterwards: native | dw | split | dense, or "depthwise" for a wrong
     #                          emulation fused into the plain depthwise Conv it equals (None: skipped)
     prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
+    code: str = ""  # skipped: the reason's stable short code (analysis.SKIP_CODES, docs/reports.md)
 
     TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<9} {'ms before -> after':>24}"
 
@@ -62,7 +63,7 @@ class Decision:
         if self.action in ("expanded", "fused", "converted"):
             text += f" ({self.nodes_removed} -> {self.nodes_added} nodes)"
         if self.reason:
-            text += f" - {self.reason}"
+            text += f" - {self.reason}" + (f" [{self.code}]" if self.code else "")
         return text
 
 

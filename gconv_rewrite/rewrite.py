@@ -47,7 +47,7 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
                 decisions.append(Decision(node_label(node), "grouped_conv", "skipped", "Conv inside a function",
                                           "model-local functions are not rewritten "
                                           "(no shapes or constant weights of their own)",
-                                          graph=f"function {fn.name}"))
+                                          graph=f"function {fn.name}", code="in_function"))
     return decisions
 
 
