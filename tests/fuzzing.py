@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import run_first
+
 
 def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))] if len(seq) else None
@@ -240,9 +242,7 @@ GENERATORS = [symbolic_size_model, sibling_scopes_model]
 
 
 def _run(model: onnx.ModelProto, feed):
-    import onnxruntime as ort
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)[0]
+    return run_first(model, feed)
 
 
 def check_generated(invoke, model: onnx.ModelProto, rng, workdir, direction: str) -> str:

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gconv_rewrite.channelmap import NotAChannelMove, Traced, classify_output, propagate, source
 
-from conftest import run_ort
+from helpers import run_ort
 
 SHAPE = (2, 6, 3, 4)
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from gconv_rewrite.cli import main
 
-from conftest import FIXTURES, MODELS, op_counts
+from helpers import FIXTURES, MODELS, op_counts
 
 SAMPLE = MODELS / "resnext_emulated_tf.onnx"
 

@@ -16,7 +16,7 @@ from gconv_rewrite import cost, cost_fit, geometry, lowering, runtime, tune_cach
 from gconv_rewrite.rewrite import rewrite_model
 from gconv_rewrite.samples import grouped_conv_model
 
-from conftest import MODELS, max_rel_err, run_ort
+from helpers import MODELS, max_rel_err, run_ort
 
 
 def probe(cin=64, cout=64, g=16, size=28, k=3, s=1, n=1):
@@ -209,7 +209,7 @@ def test_cli_tune_and_verbose_rewrite_through_the_console_script(tmp_path):
 
 def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path):
     """benchmarks/calibrate.py --fit-only on benchmarks/data gives the profile the package ships."""
-    from conftest import ROOT
+    from helpers import ROOT
     out = tmp_path / "cpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only", "--profile", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -226,7 +226,7 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
 
 def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurements():
     """The held-out measurements of benchmarks/data, judged with the shipped profile (RESULTS.md)."""
-    from conftest import ROOT
+    from helpers import ROOT
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import cost_accuracy

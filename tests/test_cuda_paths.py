@@ -19,7 +19,7 @@ from gconv_rewrite.cli import main
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model
 
-from conftest import MODELS, ROOT
+from helpers import MODELS, ROOT
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="")

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 import gconv_rewrite as gr
 from gconv_rewrite.errors import InternalError
 
-from conftest import op_counts
+from helpers import op_counts
 from test_sizes import C, G, COG, Builder, fuse, same_wherever_the_original_runs
 
 surgery_module = importlib.import_module("gconv_rewrite.surgery")

@@ -6,7 +6,7 @@ import sys
 
 import onnx
 
-from conftest import FIXTURES, ROOT, max_rel_err, op_counts, run_ort
+from helpers import FIXTURES, ROOT, max_rel_err, op_counts, run_ort
 from test_exporter_fixtures import load_fixture
 
 

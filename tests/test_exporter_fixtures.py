@@ -8,7 +8,7 @@ import pytest
 
 import gconv_rewrite as gr
 
-from conftest import FIXTURES, max_rel_err, op_counts, run_ort
+from helpers import FIXTURES, max_rel_err, op_counts, run_ort
 
 # fixture -> (what the fused region computes, substring of the decision's text)
 EMULATIONS = {

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gconv_rewrite.cli import main
 
-from conftest import MODELS
+from helpers import MODELS
 from fuzzing import GENERATORS, check_case, check_generated, mutated
 
 SAMPLES = sorted(MODELS.glob("*.onnx"))

@@ -14,7 +14,7 @@ import pytest
 
 from gconv_rewrite import geometry, runtime, tuning
 
-from conftest import ROOT
+from helpers import ROOT
 
 BENCH = ROOT / "benchmarks"
 SHIPPED = ROOT / "gconv_rewrite" / "profiles" / "cpu.json"

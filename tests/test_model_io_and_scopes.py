@@ -12,7 +12,7 @@ import gconv_rewrite as gr
 from gconv_rewrite import model_io
 from gconv_rewrite.errors import GconvError
 
-from conftest import MODELS, op_counts, run_ort
+from helpers import MODELS, op_counts, run_ort
 
 C, G, H = 8, 4, 6
 

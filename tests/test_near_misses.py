@@ -9,7 +9,7 @@ import pytest
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError
 
-from conftest import op_counts, run_ort
+from helpers import op_counts, run_ort
 
 C, M, G, H = 8, 2, 4, 5  # depthwise over 8 channels, multiplier 2; a grouped conv would have 4 groups
 

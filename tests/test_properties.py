@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import gconv_rewrite as gr
 from gconv_rewrite.samples import EQUIVALENT_LAYOUTS, grouped_conv_model
 
-from conftest import max_rel_err, op_counts, run_ort
+from helpers import max_rel_err, op_counts, run_ort
 
 TOLERANCE = {np.float32: 1e-5, np.float16: 1e-2}
 # GCONV_EXAMPLES=2000 for a long run; CI runs the default.

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr
 
-from conftest import op_counts, run_ort
+from helpers import op_counts, run_ort
 
 G, CIG, COG = 2, 2, 3
 C = G * CIG

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr
 
-from conftest import run_ort
+from helpers import run_ort
 
 G, CIG, COG = 2, 2, 2
 C = G * CIG

@@ -4,13 +4,12 @@ Each model is run by onnxruntime at sizes beyond anything the analysis probes: w
 original runs, the rewritten model must compute the same."""
 
 import numpy as np
-import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr
 
-from conftest import op_counts
+from helpers import op_counts, run_first
 
 G, CIG, COG = 2, 2, 3
 C = G * CIG
@@ -66,8 +65,7 @@ class Builder:
 
 
 def run(model, x):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    return run_first(model, {"x": x})
 
 
 def same_wherever_the_original_runs(model, out, sizes):

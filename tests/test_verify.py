@@ -11,7 +11,7 @@ from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model, resnext_model, swap_input_channels
 from gconv_rewrite.verify import WEAKEST_MUTATION_FLOAT32, float32_twin, generate_inputs, tolerance_for
 
-from conftest import MODELS, run_ort
+from helpers import MODELS, run_ort
 
 
 @pytest.fixture(scope="module")
