@@ -25,9 +25,9 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from fuzzing import GENERATORS, check_case, check_generated, mutated  # noqa: E402
-
 from gconv_rewrite.cli import main as cli  # noqa: E402
+
+from fuzzing import GENERATORS, check_case, check_generated, mutated  # noqa: E402
 
 
 def invoke(*args):

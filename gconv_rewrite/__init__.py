@@ -9,11 +9,11 @@
 
 from .api import inspect, rewrite, tune
 from .cost import Prediction
-from .tune_report import TuneReport
-from .inspection import Finding, InspectReport
 from .errors import GconvError, InternalError, VerificationError
 from .geometry import ConvSpec
+from .inspection import Finding, InspectReport
 from .report import Decision, RewriteResult
+from .tune_report import TuneReport
 from .verify import OutputParity, VerifyReport, verify
 
 __version__ = "0.1.0"

@@ -17,8 +17,21 @@ from math import prod
 import numpy as np
 from onnx import NodeProto
 
-from .channelmap import (JOINING_OPS, OPS, SHAPE_OPS, SUMMING_OPS, TRACEABLE_OPS, ChannelMap, NotAChannelMove,
-                         ShapeEval, SizeDependent, Traced, classify_output, propagate, source)
+from .channelmap import (
+    JOINING_OPS,
+    OPS,
+    SHAPE_OPS,
+    SUMMING_OPS,
+    TRACEABLE_OPS,
+    ChannelMap,
+    NotAChannelMove,
+    ShapeEval,
+    SizeDependent,
+    Traced,
+    classify_output,
+    propagate,
+    source,
+)
 from .geometry import ConvSpec, spec_from_conv
 from .graph import SHAPE_ONLY_OPS, GraphIndex, ShapeTable, attr
 from .lowering import Grouping, NotFusable, solve_grouping

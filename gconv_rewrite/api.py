@@ -7,13 +7,13 @@ from typing import Sequence
 import numpy as np
 
 from . import model_io, runtime, tuning
-from .model_io import ModelSource
-from .errors import GconvError, InternalError
 from .decide import DIRECTIONS, Direction
+from .errors import GconvError, InternalError
 from .geometry import FORMS, Form, Probe
+from .inspection import InspectReport, inspect
+from .model_io import ModelSource
 from .report import RewriteResult
 from .rewrite import rewrite_model
-from .inspection import InspectReport, inspect
 from .tune_cache import TuneCache, cached_planner, target_key
 from .tune_report import TuneEntry, TuneReport
 from .verify import CandidateError, VerifyReport, check_arguments, verify

@@ -11,10 +11,10 @@ import traceback
 import click
 
 from . import api
-from .errors import GconvError, InternalError
-from .model_io import check_writable
 from .decide import DIRECTIONS
+from .errors import GconvError, InternalError
 from .geometry import FORMS
+from .model_io import check_writable
 from .report import Decision
 from .runtime import PROVIDERS, stdout_for_one_document
 from .verify import load_inputs

@@ -84,8 +84,8 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
     if depthwise and cand.grouping.max_terms > 1:
         # Exact all the same: the model computes this, whatever its author meant.
-        reason = (f"NOT a grouped conv: it sums over the multiplier axis (Cog), not the in-group axis; "
-                  f"rewritten to the depthwise Conv it equals")
+        reason = ("NOT a grouped conv: it sums over the multiplier axis (Cog), not the in-group axis; "
+                  "rewritten to the depthwise Conv it equals")
     if direction == "auto" and prediction is not None and prediction.form == form:
         reason = (reason + "; " if reason else "") + prediction.why
     return decision(action, reason, "depthwise" if depthwise else form), form

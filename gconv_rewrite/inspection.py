@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import model_io, runtime
-from .cost import Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
+from .cost import Prediction
 from .geometry import FORMS, ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
 from .tune_cache import cached_planner

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from math import gcd
 
-
 import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper

@@ -16,6 +16,7 @@ from .report import Decision
 from .surgery import Edit, apply_form
 from .tune_cache import cached_planner
 
+
 def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,
                   value_infos: dict | None = None, planner: Planner | None = None,
                   plan_shapes: dict | None = None) -> list[Decision]:

@@ -2,7 +2,6 @@
 integer-coded data, equals onnxruntime's output on that data."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

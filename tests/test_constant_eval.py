@@ -4,7 +4,8 @@ does not implement it refuses (issue 13, item 3). Symbolic sizes stay symbolic o
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 

@@ -240,8 +240,9 @@ def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurem
 
 
 def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
-    from gconv_rewrite.cli import main
     from click.testing import CliRunner
+
+    from gconv_rewrite.cli import main
     model = str(MODELS / "resnext_native.onnx")
     foreign = tmp_path / "report.json"
     foreign.write_text('{"schema": "something else"}')

@@ -5,12 +5,12 @@ import importlib
 
 import pytest
 from onnx import TensorProto, helper
+from test_sizes import COG, Builder, C, G, fuse, same_wherever_the_original_runs
 
 import gconv_rewrite as gr
 from gconv_rewrite.errors import InternalError
 
 from helpers import op_counts
-from test_sizes import C, G, COG, Builder, fuse, same_wherever_the_original_runs
 
 surgery_module = importlib.import_module("gconv_rewrite.surgery")
 
@@ -122,6 +122,7 @@ def test_an_infinite_tolerance_is_refused():
 def test_skip_codes_are_documented_and_reach_the_json_reports():
     import re
     from pathlib import Path
+
     from gconv_rewrite.analysis import SKIP_CODES
     docs = (Path(__file__).resolve().parent.parent / "docs" / "reports.md").read_text()
     table = docs.split("**Skip codes**")[1].split("\n\n")[1]
@@ -147,6 +148,7 @@ def test_a_dead_shape_chain_reading_a_fused_tensor_goes_with_it():
 def test_a_valid_model_onnxruntime_cannot_run_is_not_called_bad(tmp_path):
     import numpy as np
     from onnx import numpy_helper
+
     from gconv_rewrite.errors import GconvError
     w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float64), "w")  # no float64 Conv kernel on CPU
     model = helper.make_model(helper.make_graph(

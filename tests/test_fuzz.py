@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from gconv_rewrite.cli import main
 
-from helpers import MODELS
 from fuzzing import GENERATORS, check_case, check_generated, mutated
+from helpers import MODELS
 
 SAMPLES = sorted(MODELS.glob("*.onnx"))
 BUDGET_S = 25

@@ -180,7 +180,6 @@ def test_a_run_killed_mid_write_leaves_no_file_and_its_leftovers_are_cleaned(tmp
     import signal
     import subprocess
     import sys
-    import time
     model = onnx.load(MODELS / "resnext_native.onnx")
     out = tmp_path / "out.onnx"
     # A child that starts an atomic save and is killed while its temporary file is half written.

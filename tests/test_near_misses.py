@@ -2,9 +2,8 @@
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError

@@ -3,7 +3,8 @@ value_info and constants are looked up in the scope that defines the tensor (iss
 
 import numpy as np
 import onnxruntime as ort
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr

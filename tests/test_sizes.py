@@ -4,7 +4,8 @@ Each model is run by onnxruntime at sizes beyond anything the analysis probes: w
 original runs, the rewritten model must compute the same."""
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import gconv_rewrite as gr

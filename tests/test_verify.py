@@ -4,14 +4,13 @@ float32 reordering noise; a timing harness whose A-vs-A ratio is 1 within its ow
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model, resnext_model, swap_input_channels
 from gconv_rewrite.verify import WEAKEST_MUTATION_FLOAT32, float32_twin, generate_inputs, tolerance_for
 
-from helpers import MODELS, run_ort
+from helpers import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +118,8 @@ def test_different_outputs_are_refused():
 
 def test_auto_never_regresses(monkeypatch):
     """auto mode undoes a rewrite that the interleaved timing cannot show to be faster."""
-    from dataclasses import replace
-
     import sys
+    from dataclasses import replace
     verify_module = sys.modules["gconv_rewrite.verify"]  # the package's `verify` is the function
     real = verify_module.measure_latency
     model = onnx.load(MODELS / "resnext_emulated_nchw.onnx")
