@@ -73,7 +73,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
                 raise ValueError
             shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
-            raise click.BadParameter(f"'{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)", param_hint="--input-shape")
+            raise click.BadParameter(f"'{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)",
+                                     param_hint="--input-shape") from None
     return shapes
 
 
@@ -94,14 +95,43 @@ def main(debug=False):
     """
 
 
+def _provider_option(help_text: str = "onnxruntime provider (auto: CUDA if it really runs here, else CPU)."):
+    """--provider, declared once; each command says what the provider is for."""
+    return click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True, help=help_text)
+
+
+def _input_shape_option(help_text: str):
+    """--input-shape NAME:DxD.. (repeatable), declared once."""
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                        callback=lambda ctx, param, value: _parse_shapes(value), help=help_text)
+
+
+def _cache_option(help_text: str = "Tuning cache file (default: $GCONV_REWRITE_CACHE or "
+                                   "~/.cache/gconv-rewrite/tune.json)."):
+    """--cache FILE, declared once."""
+    return click.option("--cache", type=click.Path(dir_okay=False), default=None, help=help_text)
+
+
+def _device_option(help_text: str):
+    """--device GPU_MODEL, declared once."""
+    return click.option("--device", default=None, metavar="GPU_MODEL", help=help_text)
+
+
+def _json_option(help_text: str = "Print only the JSON report on stdout."):
+    """--json, declared once."""
+    return click.option("--json", "as_json", is_flag=True, help=help_text)
+
+
+def _report_option(help_text: str):
+    """--report R.json, declared once."""
+    return click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help=help_text)
+
+
 def _verify_options(fn):
     """Options shared by the main command and `verify`."""
     options = [
-        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-                     help="onnxruntime provider (auto: CUDA if it really runs here, else CPU)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-                     help="Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
+        _provider_option(),
+        _input_shape_option("Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
         click.option("--inputs", "input_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
                      metavar="FILE.npz", help="Input sample (arrays named after the graph inputs); repeatable."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
@@ -147,7 +177,8 @@ def _progress(label, quiet: bool = False):
 
 @main.command("rewrite")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the rewritten model.")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="auto", show_default=True,
               help="fuse: emulations -> one Conv; expand: grouped Conv -> depthwise emulation; auto: per node.")
 @click.option("--form", type=click.Choice(FORMS), default=None,
@@ -155,17 +186,14 @@ def _progress(label, quiet: bool = False):
 @click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
 @click.option("--force", is_flag=True, help="Write OUT even when parity fails (the exit code is still 1).")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
-@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@_report_option("Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
+@_json_option()
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print each form's predicted (or measured) time per node.")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
-@click.option("--device", default=None, metavar="GPU_MODEL",
-              help="With --provider cuda --no-verify: plan for this GPU model's shipped CUDA profile.")
+@_cache_option()
+@_device_option("With --provider cuda --no-verify: plan for this GPU model's shipped CUDA profile.")
 @_verify_options
 def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
                 tune_first, cache, device, **verify_options):
@@ -224,7 +252,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         say(line)
     report = result.verification
     if report is not None:
-        for line in report.lines() if not quiet else report.lines()[:1] + ([report.latency.line()] if report.latency else []):
+        shown = report.lines()[:1] + ([report.latency.line()] if report.latency else []) if quiet else report.lines()
+        for line in shown:
             say(line)
     data = result.to_dict() | {"output": output}
     failed = report is not None and not report.passed and not force
@@ -242,7 +271,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         if as_json:
             _echo(json.dumps(data, indent=2, default=_jsonable))
     if failed:
-        _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
+        _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)",
+              err=True)
         sys.exit(1)
     if result.count("reverted"):
         say(f"wrote {output} (the input, unchanged: the rewrite was reverted)")
@@ -281,15 +311,11 @@ def _write_json(path, data) -> None:
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON only.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="The target whose predicted times are shown.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Tuning cache file (see `tune`).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-              help="Give symbolic input dims a size for the predictions (repeatable).")
-@click.option("--device", default=None, metavar="GPU_MODEL",
-              help="With --provider cuda: plan for this GPU model's shipped CUDA profile (e.g. 'NVIDIA H200').")
+@_json_option("Print the findings as JSON only.")
+@_provider_option("The target whose predicted times are shown.")
+@_cache_option("Tuning cache file (see `tune`).")
+@_input_shape_option("Give symbolic input dims a size for the predictions (repeatable).")
+@_device_option("With --provider cuda: plan for this GPU model's shipped CUDA profile (e.g. 'NVIDIA H200').")
 def inspect_cmd(model, as_json, provider, cache, input_shapes, device):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
@@ -301,16 +327,13 @@ def inspect_cmd(model, as_json, provider, cache, input_shapes, device):
 
 @main.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="The provider to measure on (auto: CUDA if it really runs here, else CPU).")
-@click.option("--rounds", type=click.IntRange(3, 1000), default=9, show_default=True, help="Timing rounds per geometry.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@_provider_option("The provider to measure on (auto: CUDA if it really runs here, else CPU).")
+@click.option("--rounds", type=click.IntRange(3, 1000), default=9, show_default=True,
+              help="Timing rounds per geometry.")
+@_cache_option("Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
 @click.option("--force", is_flag=True, help="Measure again geometries already in the cache.")
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON only.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-              help="Give symbolic input dims a size, so that those convs can be measured (repeatable).")
+@_json_option("Print the measurements as JSON only.")
+@_input_shape_option("Give symbolic input dims a size, so that those convs can be measured (repeatable).")
 def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
     """Measure every grouped-conv geometry of MODEL in each exact form on this machine, and cache it.
 
@@ -334,9 +357,8 @@ def _print_report(report, as_json: bool) -> None:
 @main.command("verify")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON (schema gconv-rewrite/verify-report, version 1).")
-@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@_report_option("Also write the report as JSON (schema gconv-rewrite/verify-report, version 1).")
+@_json_option()
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdicts.")
 @_verify_options
 def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_options):
@@ -399,7 +421,7 @@ DEBUG_ENV = "GCONV_REWRITE_DEBUG"
 
 def _internal_error(exc: BaseException) -> None:
     """A bug is not bad input: say it is ours, which version, and how to get the traceback to report it."""
-    from . import __version__
+    from . import __version__  # noqa: PLC0415 - __init__ imports this module: a top-level import would be a cycle
     text = str(exc).strip().splitlines()
     what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
     if _debug():
