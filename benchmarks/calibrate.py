@@ -212,7 +212,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: calibrate onnxruntime's CUDA provider (data/cuda_calibration.csv, profiles/cuda.json)")
+                        help="cuda: calibrate onnxruntime's CUDA provider "
+                             "(data/cuda_calibration.csv, profiles/cuda.json)")
     parser.add_argument("--csv", default=None, help="default: benchmarks/data/<provider>_calibration.csv")
     parser.add_argument("--profile", default=None, help="default: gconv_rewrite/profiles/<provider>.json")
     parser.add_argument("--no-wait", action="store_true",

@@ -115,7 +115,8 @@ def evaluate(path: str, profile) -> dict:
     summary = {}
     for name, ratios in picks.items():
         r = np.array(ratios)
-        summary[name] = {"within_5pct": float(np.mean(r <= 1.05)), "geomean_slowdown": float(np.exp(np.mean(np.log(r))) - 1),
+        summary[name] = {"within_5pct": float(np.mean(r <= 1.05)),
+                         "geomean_slowdown": float(np.exp(np.mean(np.log(r))) - 1),
                          "worst": float(r.max()), "n": len(r)}
     return summary
 

@@ -17,5 +17,6 @@ from .tune_report import TuneReport
 from .verify import OutputParity, VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["rewrite", "verify", "inspect", "tune", "TuneReport", "Prediction", "InspectReport", "Finding", "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
+__all__ = ["rewrite", "verify", "inspect", "tune", "TuneReport", "Prediction", "InspectReport", "Finding",
+           "RewriteResult", "Decision", "ConvSpec", "VerifyReport", "OutputParity",
            "GconvError", "InternalError", "VerificationError", "__version__"]

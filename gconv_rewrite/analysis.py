@@ -120,7 +120,8 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
     """
     found: list[Candidate | NodeProto] = []
     for node in ix.nodes:
-        if node.op_type in _NOT_REWRITTEN and node.domain in ("", "ai.onnx", "com.microsoft") and attr(node, "group", 1) > 1:
+        if (node.op_type in _NOT_REWRITTEN and node.domain in ("", "ai.onnx", "com.microsoft")
+                and attr(node, "group", 1) > 1):
             found.append(Skip(node, "grouped_conv", _NOT_REWRITTEN[node.op_type],
                               code="quantized" if "quantized" in _NOT_REWRITTEN[node.op_type] else "transposed"))
             continue

@@ -23,8 +23,8 @@ __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyRepor
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | None = None, verify_result: bool = True,
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
-            tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
+            input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True,
+            rounds: int = 20, tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
             cache: str | None = None, progress=None, tune_progress=None, device: str | None = None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
@@ -74,7 +74,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
         _check_rewritten(rewritten)
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
-        reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
+        reference = (info.path if info.path and (info.external_data or model_io.needs_external_data(original))
+                     else original)
         try:
             result.verification = verify(reference, rewritten, provider,
                                          inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes,

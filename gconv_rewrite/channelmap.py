@@ -708,7 +708,8 @@ def _classify(t: Traced, source_shape: tuple[int, ...]) -> ChannelMap:
     if shape[0] == n and tuple(shape[1:-1]) == spatial and len(shape) > 2:
         layouts.append("NLC")
     if not layouts:
-        raise NotAChannelMove(f"result shape {list(shape)} does not keep the conv's batch and spatial dims {[n, *spatial]}")
+        raise NotAChannelMove(f"result shape {list(shape)} does not keep the conv's batch and spatial dims "
+                              f"{[n, *spatial]}")
     reason = ""
     for layout in layouts:
         idx, bias = t.idx, t.bias

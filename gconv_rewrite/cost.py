@@ -69,7 +69,8 @@ class Prediction:
             return ", ".join(f"{f} {times[f]:.3f}" for f in FORMS if times.get(f) is not None)
         if self.measured_ms:  # the measurement decides; the prediction shows how far off the model was
             return f"measured ms: {listed(self.measured_ms)} -> {self.form} (predicted: {listed(self.times_ms)})"
-        return f"predicted ms: {listed(self.times_ms)} -> {self.form}" + (" (uncalibrated)" if self.basis == "prior" else "")
+        return (f"predicted ms: {listed(self.times_ms)} -> {self.form}"
+                + (" (uncalibrated)" if self.basis == "prior" else ""))
 
 
 def features(p: Probe, block: int) -> list[float]:
@@ -139,11 +140,12 @@ class Profile:
                block: int | None = None, current_device: str | None = None) -> Prediction:
         """The form to use for `p` among `available`, with the numbers behind the pick."""
         source = self.describe(current_device)
-        basis = "calibrated" if self.calibrated and (current_device is None or current_device == self.device) else "prior"
+        basis = ("calibrated" if self.calibrated and (current_device is None or current_device == self.device)
+                 else "prior")
         if p is None:
             return Prediction("", {}, "native",
-                              "spatial size unknown (give it with --input-shape): no prediction, so the native form", "prior",
-                              "no static spatial size")
+                              "spatial size unknown (give it with --input-shape): no prediction, so the native form",
+                              "prior", "no static spatial size")
         if (p.dtype != "float32" or len(p.kernel) != 2) and self.points:
             times = roofline(p, self.provider)
             what = p.dtype if p.dtype != "float32" else f"{len(p.kernel)}-D convs"

@@ -257,7 +257,7 @@ def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoPro
     skeleton_model = skeleton(model)
     try:
         return infer_value_infos(skeleton_model, strict=False)
-    except Exception:  # inference is a help, not a requirement: analysis falls back to probe sizes
+    except Exception:  # noqa: BLE001 - inference is a help, not a requirement: analysis falls back to probe sizes
         return value_infos(skeleton_model)
 
 
@@ -392,4 +392,5 @@ class NameGen:
 
 
 def _is_identity(node: NodeProto) -> bool:
-    return node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 and bool(node.input[0])
+    return (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1
+            and bool(node.input[0]))

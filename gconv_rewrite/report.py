@@ -143,7 +143,7 @@ class RewriteResult:
 
     def to_dict(self) -> dict:
         """The report as plain data (wording.REWRITE_REPORT): what --report and --json write."""
-        from . import __version__
+        from . import __version__  # noqa: PLC0415 - at module level it would be an import cycle with __init__
         counts = {a: self.count(a) for a in ("fused", "expanded", "converted", "kept", "skipped", "reverted")}
         predicted = self.predicted_ms()
         weights = self.weight_bytes()

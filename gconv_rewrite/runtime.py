@@ -117,7 +117,8 @@ def _cuda_problem() -> str:
     ort = _ort()
     if _CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider"
-    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0") or os.environ.get("CUDA_VISIBLE_DEVICES")):
+    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")
+            or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return "no NVIDIA GPU found"
     with _quiet_native_output():
         return _cuda_run_probe(ort)
@@ -128,7 +129,7 @@ def _cuda_run_probe(ort) -> str:
         if hasattr(ort, "preload_dlls"):
             try:
                 ort.preload_dlls()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the probe session below reports what is missing
                 pass
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -143,7 +144,7 @@ def _cuda_run_probe(ort) -> str:
         sess.run(None, {"x": np.ones((1, 2, 3, 3), np.float32)})
         if _CUDA not in sess.get_providers():  # defence in depth: fallback is disabled, so this cannot happen
             return "the CUDA provider stopped running the probe Conv (onnxruntime fell back to CPU)"
-    except Exception as exc:  # missing libcublasLt.so.13 / libcudnn.so.9 / no device / cuDNN frontend EP_FAIL
+    except Exception as exc:  # noqa: BLE001 - missing libcublasLt.so.13 / libcudnn.so.9 / no device / EP_FAIL
         text = str(exc).strip().splitlines()
         return f"the CUDA provider does not run: {text[0] if text else type(exc).__name__}"
     return ""
@@ -247,7 +248,7 @@ def session(model: onnx.ModelProto | str, choice: ProviderChoice, *, allow_spinn
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
         sess = _new_session(source, opts, providers)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime load failure becomes one clear line
         text = str(exc).strip().splitlines()
         what = "the CUDA provider cannot load" if choice.name == "cuda" else "onnxruntime cannot load"
         raise (CudaFallbackError if choice.name == "cuda" else GconvError)(

@@ -122,7 +122,8 @@ class Divergence:
 
     def line(self) -> str:
         return (f"first divergence: '{self.tensor}', from {self.op_type} '{self.node}' in the original and "
-                f"{self.rewritten_op_type} '{self.rewritten_node}' in the rewritten model (rel error {self.max_rel:.3g})")
+                f"{self.rewritten_op_type} '{self.rewritten_node}' in the rewritten model "
+                f"(rel error {self.max_rel:.3g})")
 
 
 @dataclass
@@ -254,7 +255,7 @@ def _run(sess, names, feed):
         return sess.run(names, feed)
     except GconvError:  # already one clear line (e.g. the CUDA provider failed)
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime run failure becomes one clear line
         text = str(exc).strip().splitlines()
         detail = next((line for line in reversed(text) if line.strip() and "Please fix" not in line), str(exc))
         raise GconvError(f"onnxruntime failed to run the model: {' '.join(detail.split())}") from None
@@ -383,11 +384,12 @@ def _float32_reference(model: ModelProto, names, inputs, choice, report: VerifyR
         twin = float32_twin(model)
         with _Sources(twin) as (src,):
             sess = runtime.session(src, choice)
-            feeds = [{k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feed.items()} for feed in inputs]
+            feeds = [{k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feed.items()}
+                     for feed in inputs]
             refs = [sess.run(names, feed) for feed in feeds]
     except runtime.CudaFallbackError:
         raise
-    except Exception as exc:  # an op without a float32 kernel, a Cast we cannot retarget ...
+    except Exception as exc:  # noqa: BLE001 - an op without a float32 kernel, a Cast we cannot retarget ...
         report.notes.append(f"float16 outputs compared with each other: no float32 twin ({str(exc).splitlines()[0]})")
         return None
     report.notes.append(f"float16 outputs judged against a float32 twin of the original: the rewritten model may be "

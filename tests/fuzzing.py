@@ -26,7 +26,8 @@ def truncate(model: onnx.ModelProto, rng) -> bytes:
 
 
 def mutate_attribute(model: onnx.ModelProto, rng) -> onnx.ModelProto:
-    nodes = [n for n in model.graph.node if any(a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS) for a in n.attribute)]
+    nodes = [n for n in model.graph.node
+             if any(a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS) for a in n.attribute)]
     node = _pick(rng, nodes)
     attr = _pick(rng, [a for a in node.attribute if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)])
     value = int(rng.integers(-2, 12))
@@ -75,7 +76,8 @@ def mutate_dtype(model: onnx.ModelProto, rng) -> onnx.ModelProto:
 
 def mutate_wiring(model: onnx.ModelProto, rng) -> onnx.ModelProto:
     graph = model.graph
-    names = [o for n in graph.node for o in n.output] + [i.name for i in graph.input] + [t.name for t in graph.initializer]
+    names = ([o for n in graph.node for o in n.output] + [i.name for i in graph.input]
+             + [t.name for t in graph.initializer])
     choice = rng.random()
     if choice < 0.5:
         node = _pick(rng, list(graph.node))

@@ -136,7 +136,8 @@ def test_auto_writes_the_predicted_winner_and_it_is_exact(winner):
     (d,) = rewrite_model(model, "auto", planner=planner)
     assert d.action == "converted" and d.form == winner and d.prediction.form == winner
     assert f"{winner} predicted" in d.reason
-    feed = {sample.model.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 32, 12, 12)).astype(np.float32)}
+    feed = {sample.model.graph.input[0].name:
+            np.random.default_rng(1).standard_normal((1, 32, 12, 12)).astype(np.float32)}
     name = sample.model.graph.output[0].name
     assert max_rel_err(run_ort(model, feed)[name], run_ort(sample.model, feed)[name]) < 3e-6
 
@@ -166,13 +167,15 @@ def test_tune_measures_caches_and_rewrite_uses_the_measurements(tmp_path):
     assert runtime.device_name("cpu") in target and runtime.ort_version() in target and "| cpu |" in target
     assert set(data["targets"][target]) == {e.probe for e in first.entries}
     again = gr.tune(path, "cpu", rounds=3, cache=cache)
-    assert all(e.cached for e in again.entries) and [e.times_ms for e in again.entries] == [e.times_ms for e in first.entries]
+    assert all(e.cached for e in again.entries)
+    assert [e.times_ms for e in again.entries] == [e.times_ms for e in first.entries]
     result = gr.rewrite(path, verify_result=False, provider="cpu", cache=cache)
     for d in result.decisions:
         entry = next(e for e in first.entries if d.node in e.nodes)
         assert d.prediction.basis == "measured" and d.prediction.measured_ms == entry.times_ms
         t = entry.times_ms
-        assert d.form == (entry.best if t["native"] > (1 + cost.load_profile("cpu").margin) * t[entry.best] else "native")
+        margin = cost.load_profile("cpu").margin
+        assert d.form == (entry.best if t["native"] > (1 + margin) * t[entry.best] else "native")
     report = gr.inspect(path, "cpu", cache=cache)
     assert all(f.prediction.basis == "measured" for f in report.findings)
 
@@ -211,7 +214,8 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
     """benchmarks/calibrate.py --fit-only on benchmarks/data gives the profile the package ships."""
     from helpers import ROOT
     out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only", "--profile", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only",
+                           "--profile", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     refit = cost.Profile.from_dict(json.loads(out.read_text()))
@@ -232,7 +236,8 @@ def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurem
         import cost_accuracy
     finally:
         sys.path.pop(0)
-    summary = cost_accuracy.evaluate(str(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv"), cost.load_profile("cpu"))
+    summary = cost_accuracy.evaluate(str(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv"),
+                                     cost.load_profile("cpu"))
     model = summary["cost model"]
     assert model["n"] == 136
     assert model["within_5pct"] >= 0.95 and model["geomean_slowdown"] <= 0.02

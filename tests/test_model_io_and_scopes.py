@@ -84,7 +84,8 @@ def test_everything_outside_the_region_is_preserved():
     assert (result.doc_string, result.graph.doc_string) == ("doc", "graph doc")
     assert [i.SerializeToString() for i in result.graph.input] == [i.SerializeToString() for i in model.graph.input]
     assert [o.SerializeToString() for o in result.graph.output] == [o.SerializeToString() for o in model.graph.output]
-    untouched = {n.name: n.SerializeToString() for n in model.graph.node if n.op_type in ("Relu", "BatchNormalization", "Add")}
+    untouched = {n.name: n.SerializeToString() for n in model.graph.node
+                 if n.op_type in ("Relu", "BatchNormalization", "Add")}
     after = {n.name: n.SerializeToString() for n in result.graph.node if n.name in untouched}
     assert after == untouched
 

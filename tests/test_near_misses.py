@@ -76,7 +76,8 @@ def test_reshape_that_mixes_channels_and_space():
              "s3": np.array([1, G * M, H, H], np.int64)}
     nodes = [dw_node(), helper.make_node("Transpose", ["d"], ["r1"], perm=[0, 2, 1, 3]),
              helper.make_node("Reshape", ["r1", "s2"], ["r2"]),
-             helper.make_node("ReduceSum", ["r2", "ax"], ["r3"], keepdims=0), helper.make_node("Reshape", ["r3", "s3"], ["y"])]
+             helper.make_node("ReduceSum", ["r2", "ax"], ["r3"], keepdims=0),
+             helper.make_node("Reshape", ["r3", "s3"], ["y"])]
     d = only_decision(model_with(nodes, inits))
     assert d.action == "skipped" and d.code == "not_a_channel_map"
 
@@ -120,7 +121,8 @@ def test_the_same_emulation_without_the_extra_consumer_is_fused():
     assert [d.action for d in result.decisions] == ["fused"]
     assert "grouped Conv G=4 (Cig=2, Cog=2)" in result.decisions[0].computes
     x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
-    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
     assert op_counts(result.model) == {"Conv": 1}
 
 
@@ -134,7 +136,8 @@ def test_constant_added_after_the_sum_and_depthwise_bias_are_folded():
     assert [d.action for d in result.decisions] == ["fused"]
     assert op_counts(result.model) == {"Conv": 1}
     x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
-    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_input_permutation_without_a_foldable_producer_uses_a_gather():
@@ -150,7 +153,8 @@ def test_input_permutation_without_a_foldable_producer_uses_a_gather():
     assert d.reason == "input permutation applied with a Gather"
     assert op_counts(result.model) == {"Gather": 1, "Conv": 1}
     x = np.random.default_rng(3).standard_normal((1, C, H, H)).astype(np.float32)
-    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})["y"], run_ort(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_plain_depthwise_feeding_a_flatten_is_not_reported():

@@ -31,7 +31,8 @@ def build(tail, x_dims=("N", C, "H", "W"), opset=17, ir=8, extra_inputs=()):
 
     tail(node, const)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_dims))] + list(extra_inputs)
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              inits)
     if ir < 4:
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
@@ -86,7 +87,6 @@ def test_flatten_with_a_negative_axis_is_traced_as_onnx_defines_it():
 
 
 def test_non_constant_bias_of_a_frozen_1x1_conv_is_refused():
-    rng = np.random.default_rng(1)
     matrix = np.zeros((G * COG, C * COG, 1, 1), np.float32)
     for o in range(G * COG):
         g, m = divmod(o, COG)

@@ -40,7 +40,8 @@ def test_compare_all_names_the_first_diverging_node(resnext50_pair):
     emulated, fused = resnext50_pair
     bad = gr.verify(emulated, swap_input_channels(fused, 3), "cpu", latency=False, compare_all=True)
     assert not bad.passed and bad.divergence is not None
-    conv = [n for n in fused.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)][3]
+    conv = [n for n in fused.graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)][3]
     assert bad.divergence.tensor == conv.output[0]
     assert (bad.divergence.rewritten_op_type, bad.divergence.rewritten_node) == ("Conv", conv.name)
     assert bad.divergence.op_type == "Transpose"  # the end of the emulation in the original
