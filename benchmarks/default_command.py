@@ -36,8 +36,11 @@ from onnx import TensorProto, helper, numpy_helper
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import cost_accuracy  # noqa: E402
+import gconv_rewrite as gr  # noqa: E402
 from gconv_rewrite import basis, cost, geometry, runtime, tuning  # noqa: E402
+
+import cost_accuracy  # noqa: E402
+import make_resnext  # noqa: E402
 
 FORMS = geometry.FORMS
 
@@ -69,8 +72,6 @@ def networks() -> dict[tuple[str, int], list[geometry.Probe]]:
 
 def run_default(workdir: str, out_csv: str, limit: int | None = None) -> None:
     """Step 1: the default command on every layers model; one CSV row per conv (its delivered form)."""
-    import gconv_rewrite as gr
-
     with open(out_csv, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["model", "probe", "planned", "delivered", "basis", "action", "tune_s", "run_s", "verdict"])
@@ -123,9 +124,6 @@ def judge(default_csv: str, measured_csv: str) -> list[tuple[str, dict]]:
 
 def first_run_extra(workdir: str) -> None:
     """The default command's tuning time on a native ResNeXt-50 32x4d: empty cache, filled cache, --no-tune."""
-    import gconv_rewrite as gr
-    import make_resnext
-
     path = os.path.join(workdir, "resnext50.onnx")
     make_resnext.main(["-o", path, "--batch", "1"])
     for label, kwargs in (("empty cache", {}), ("cached", {}), ("--no-tune", {"auto_tune": False})):

@@ -40,7 +40,8 @@ def row(name, model, twin, rounds, provider="cpu"):
         final = result.model
         report = gr.verify(twin, final, provider, rounds=rounds)
         t = report.latency
-        vs_twin = f"{t.ratio:.3f} ({t.verdict}, ±{t.noise:.3f}); native {t.a_median_ms:.1f} ms, ours {t.b_median_ms:.1f} ms"
+        vs_twin = (f"{t.ratio:.3f} ({t.verdict}, ±{t.noise:.3f}); "
+                   f"native {t.a_median_ms:.1f} ms, ours {t.b_median_ms:.1f} ms")
     print(f"| {name} | {counts} | {vs_input} | {vs_twin or '-'} | {time.time() - start:.0f} s |", flush=True)
 
 

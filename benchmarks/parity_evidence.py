@@ -26,7 +26,8 @@ def main() -> None:
     args = p.parse_args()
     native = resnext_model(50, "32x4d", "native", batch=1, image=args.image)
     inputs = [gr.verify.__globals__["generate_inputs"](native, {}, s) for s in range(args.seeds)]
-    print(f"ResNeXt-50 32x4d, {args.image}x{args.image}, batch 1, {args.seeds} input samples, onnxruntime {args.provider}")
+    print(f"ResNeXt-50 32x4d, {args.image}x{args.image}, batch 1, {args.seeds} input samples, "
+          f"onnxruntime {args.provider}")
     print("| comparison | max rel to magnitude |")
     print("|---|---|")
     for layout in ("nhwc_tf2onnx", "nhwc_sum_slices", "nchw_reducesum"):

@@ -34,7 +34,6 @@ BASELINE = "import onnx, sys; m = onnx.load(sys.argv[1]); onnx.save(m, sys.argv[
 
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall time of a child process and its peak RSS in MB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = proc.communicate()
@@ -62,11 +61,13 @@ def big_graph(nodes: int) -> onnx.ModelProto:
     for i in range(nodes):
         out = f"t{i}"
         if i % 1000 == 999:
-            graph_nodes.append(helper.make_node("Conv", [prev, "w"], [out], name=f"conv{i}", group=g, pads=[1, 1, 1, 1]))
+            graph_nodes.append(helper.make_node("Conv", [prev, "w"], [out], name=f"conv{i}", group=g,
+                                                pads=[1, 1, 1, 1]))
         else:
             graph_nodes.append(helper.make_node("Relu" if i % 2 else "Identity", [prev], [out], name=f"n{i}"))
         prev = out
-    graph = helper.make_graph(graph_nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 8, 8])],
+    graph = helper.make_graph(graph_nodes, "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 8, 8])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -87,13 +88,15 @@ def main() -> None:
     tool = [sys.executable, "-m", "gconv_rewrite"]
     cases = [("ResNeXt-101 64x4d native (expand)", dict(depth=101, width="64x4d", layout="native"), "expand"),
              ("ResNeXt-101 64x4d native (auto)", dict(depth=101, width="64x4d", layout="native"), "auto"),
-             ("ResNeXt-101 64x4d tf2onnx-emulated (fuse)", dict(depth=101, width="64x4d", layout="nhwc_tf2onnx"), "fuse"),
-             ("ResNeXt-50 32x4d keras sum-of-slices (fuse)", dict(depth=50, width="32x4d", layout="nhwc_sum_slices"), "fuse")]
+             ("ResNeXt-101 64x4d tf2onnx-emulated (fuse)",
+              dict(depth=101, width="64x4d", layout="nhwc_tf2onnx"), "fuse"),
+             ("ResNeXt-50 32x4d keras sum-of-slices (fuse)",
+              dict(depth=50, width="32x4d", layout="nhwc_sum_slices"), "fuse")]
     if args.quick:
         cases = [c for c in cases if "ResNeXt-50" in c[0]]
         args.rounds = 2
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"onnx {onnx.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, onnx {onnx.__version__}")
     rows = []
     for label, kwargs, direction in cases:
         src = args.workdir / f"{kwargs['depth']}_{kwargs['width']}_{kwargs['layout']}.onnx"
@@ -111,7 +114,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     big = args.workdir / "big.onnx"
     onnx.save(big_graph(100_000), big)
-    times = [timed(tool + [str(big), "-o", str(args.workdir / "big_out.onnx"), "--no-verify", "--direction", "expand"])[0]
+    times = [timed(tool + [str(big), "-o", str(args.workdir / "big_out.onnx"), "--no-verify",
+                           "--direction", "expand"])[0]
              for _ in range(2)]
     base = [timed([sys.executable, "-c", BASELINE, str(big), str(args.workdir / "b.onnx")])[0] for _ in range(2)]
     rows.append(summarize("100k-node chain, 100 grouped Convs (expand)", base, times) + " |")

@@ -9,16 +9,16 @@ from typing import Sequence
 import numpy as np
 
 from . import basis, model_io, runtime, tuning
-from .model_io import ModelSource
-from .errors import GconvError
 from .decide import DIRECTIONS, Direction
+from .errors import GconvError, InternalError
 from .geometry import FORMS, Form, Probe
+from .inspection import InspectReport, inspect
+from .model_io import ModelSource
 from .report import RewriteResult
 from .rewrite import rewrite_model
-from .inspection import InspectReport, inspect
 from .tune_cache import TuneCache, cached_planner, target_key
 from .tune_report import TuneEntry, TuneReport
-from .verify import VerifyReport, check_arguments, verify
+from .verify import CandidateError, VerifyReport, check_arguments, verify
 
 __all__ = ["rewrite", "verify", "inspect", "tune", "RewriteResult", "VerifyReport", "InspectReport", "TuneReport"]
 
@@ -29,10 +29,10 @@ AUTO_TUNE_BUDGET_S = 12.0
 
 def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | None = None, verify_result: bool = True,
             provider: str = "auto", inputs: Sequence[dict[str, np.ndarray]] | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True, rounds: int = 20,
-            tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
-            cache: str | None = None, progress=None, tune_progress=None, auto_tune: bool | None = None,
-            profile: str | None = None) -> RewriteResult:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, latency: bool = True,
+            rounds: int = 20, tolerance: float | None = None, compare_all: bool = False, tune_first: bool = False,
+            cache: str | None = None, progress=None, tune_progress=None, device: str | None = None,
+            auto_tune: bool | None = None, profile: str | None = None) -> RewriteResult:
     """Rewrite grouped Convs and their emulations in `model` (a ModelProto or a path); `model` is never modified.
 
     direction: "fuse" turns every exact emulation into one Conv; "expand" turns every native
@@ -45,6 +45,8 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     plans for CUDA even where it does not run); auto mode plans for it with
     its cost profile, and measured times from the tune cache (`cache`, default: the user's
     cache directory) override predictions. tune_first: run `tune` on this model first.
+    device: with provider "cuda" and verify_result=False, plan for this GPU model with its shipped
+    CUDA profile (e.g. "NVIDIA H200"); the report says so.
     auto_tune (default: on unless $GCONV_REWRITE_AUTOTUNE=0): in auto mode with verification, on a
     device the cost model was not calibrated on, tune this model's geometries first, within
     AUTO_TUNE_BUDGET_S (cached: once per device). profile: the cost profile to plan with (a shipped
@@ -60,6 +62,9 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if form is not None and form not in FORMS:
         raise GconvError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
     check_arguments(rounds, tolerance)
+    if device and (verify_result or tune_first):
+        raise GconvError(f"--device '{device}' plans for a GPU that need not be here; verifying and tuning run here: "
+                         "use it with --no-verify (or inspect)")
     original, info = model_io.load(model)  # our own copy
     # Planning alone runs nothing: a CPU-only machine may plan for CUDA; verifying or tuning needs it here.
     choice = (runtime.choose_provider if verify_result or tune_first else runtime.target_provider)(provider)
@@ -69,7 +74,7 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     if tune_first or _tunes_first(auto_tune, chosen, verify_result, direction, form):
         tune_report = _tune_before_planning(original, info, choice.name, tune_first, warnings, cache=cache,
                                             input_shapes=input_shapes, progress=tune_progress, profile=profile)
-    planner = cached_planner(choice.name, cache, chosen.profile)
+    planner = cached_planner(choice.name, cache, chosen.profile, device=device)
     rewritten = original
     if verify_result:  # keep the original for the comparison
         rewritten = type(original)()
@@ -78,18 +83,33 @@ def rewrite(model: ModelSource, direction: Direction = "auto", *, form: Form | N
     decisions = rewrite_model(rewritten, direction, form, info.value_infos, planner, plan_shapes)
     result = RewriteResult(rewritten, decisions, direction, info, provider=choice.name, planner=planner.describe(),
                            tuning=tune_report, warnings=warnings + ([planner.warning] if planner.warning else []))
+    if result.changed:
+        _check_rewritten(rewritten)
     if verify_result and result.changed:
         # onnxruntime reads a big original from its file rather than from a temporary copy
-        reference = info.path if info.path and (info.external_data or model_io.needs_external_data(original)) else original
-        result.verification = verify(reference, rewritten, provider,
-                                     inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes, seed=seed,
-                                     latency=latency, rounds=rounds, tolerance=tolerance, compare_all=compare_all,
-                                     progress=progress)
+        reference = (info.path if info.path and (info.external_data or model_io.needs_external_data(original))
+                     else original)
+        try:
+            result.verification = verify(reference, rewritten, provider,
+                                         inputs=list(inputs) if inputs is not None else None, input_shapes=input_shapes,
+                                         seed=seed, latency=latency, rounds=rounds, tolerance=tolerance,
+                                         compare_all=compare_all, progress=progress)
+        except CandidateError as exc:  # the original runs, so this is the tool's fault
+            raise InternalError(f"the rewrite produced a model onnxruntime cannot run ({exc})") from None
     if direction == "auto" and form is None and result.verification is not None:
         _never_regress(result, original)
     if direction == "auto" and form is None and result.changed and (result.verification is None or not latency):
         result.warnings.append("not timed (--no-verify or --no-latency): the never-regress guard did not run")
     return result
+
+
+def _check_rewritten(model) -> None:
+    """A rewritten model that onnx.checker or shape inference rejects is a bug of the tool, never
+    written (also with --no-verify)."""
+    try:
+        model_io.validate(model, "the rewritten model")
+    except GconvError as exc:
+        raise InternalError(f"the rewrite produced an invalid model ({exc})") from None
 
 
 def _tune_before_planning(model, info, provider: str, asked: bool, warnings: list[str], **kwargs) -> TuneReport | None:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import runtime, tune_cache
-from .cost import _PROFILES, Profile, load_profile
+from .cost import _PROFILES, Profile, load_profile, shipped_profiles
 from .errors import GconvError
 
 
@@ -52,7 +52,7 @@ def machine_of(device: str) -> Machine:
 class Basis:
     """The profile to plan with, whether it was measured on this device, and why it was chosen."""
 
-    profile: Profile
+    profile: Profile | None  # None: the planner's own choice (CUDA: the GPU model's shipped profile, --device)
     this_device: bool  # True: calibrated here (or named by the user): nothing to tune first
     why: str
     warnings: list[str] = field(default_factory=list)
@@ -92,12 +92,6 @@ def load_user_profile(provider: str, device: str) -> tuple[Profile | None, str]:
     return profile, ""
 
 
-def shipped(provider: str) -> list[Profile]:
-    """The profiles that ship with the package for `provider` (profiles/<provider>*.json)."""
-    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(_PROFILES, f"{provider}*.json")))
-    return [load_profile(name) for name in names if name == provider or name.startswith(provider + "-")]
-
-
 def _named(provider: str, name: str, device: str, how: str = "named with --profile") -> Basis:
     """The profile the user named: a shipped profile's name or a profile file."""
     try:
@@ -132,7 +126,11 @@ def select(provider: str, device: str | None = None, named: str | None = None) -
     if mine is not None:
         why = f"calibrated on this device by `gconv-rewrite calibrate` ({mine.fitted}, {len(mine.points)} geometries)"
         return Basis(dataclasses.replace(mine, chosen=why), True, why, warnings)
-    profiles = shipped(provider)
+    profiles = shipped_profiles(provider)
+    if provider != "cpu":  # CUDA: the planner picks the GPU model's shipped profile (--device); no classes yet
+        here = any(p.device == device for p in profiles)
+        why = "shipped profile of this GPU model" if here else "no calibration for this GPU model"
+        return Basis(None, here, why, warnings)
     for profile in profiles:
         if profile.calibrated and profile.device == device:
             why = "shipped profile measured on this device"

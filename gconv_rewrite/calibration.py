@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from . import basis, runtime, tuning
 from .cost import Profile
 from .cost_fit import fit, read_measurements
-from .geometry import FORMS, Probe
 from .errors import GconvError
+from .geometry import FORMS, Probe
 
 CSV_HEADER = ["probe"] + [f"t_{form}_ms" for form in FORMS] + ["background_cores", "notes"]
 MIN_ROWS = 40  # fewer measured geometries fit no usable profile (two power laws of 8 terms, neighbours)
@@ -120,9 +120,11 @@ def measured_keys(csv_path: str) -> set[str]:
 
 
 def measure_into(csv_path: str, probes: list[Probe], choice: runtime.ProviderChoice, rounds: int = 9,
-                 progress=None, deadline: float | None = None, log=None) -> int:
-    """Measure the `probes` not yet in `csv_path` and append their rows; stop starting new ones after `deadline`
-    (time.monotonic()). Returns how many were measured. The machine record must match the host's."""
+                 progress=None, deadline: float | None = None, log=None, wait: bool = True) -> int:
+    """Measure the `probes` not yet in `csv_path` and append their rows, one flushed row each; start none that would
+    end after `deadline` (time.monotonic(), judged by the slowest so far). Only the CPU waits for a quiet machine
+    (`wait`): other processes' CPU load says nothing about GPU kernels. Returns how many were measured. The
+    machine record must match the host's."""
     record = machine_record(choice)
     done = measured_keys(csv_path)
     if done and read_machine(csv_path) != record:
@@ -132,21 +134,23 @@ def measure_into(csv_path: str, probes: list[Probe], choice: runtime.ProviderCho
     with open(machine_path(csv_path), "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")
-    measured = 0
+    measured, slowest = 0, 0.0
     with open(csv_path, "a", newline="") as f:
         out = csv.writer(f)
         if not done:
             out.writerow(CSV_HEADER)
         for probe in todo:
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() + slowest > deadline:
                 break
-            load = tuning.wait_for_quiet()
+            began = time.monotonic()
+            load = tuning.wait_for_quiet() if choice.name == "cpu" and wait else math.nan
             m = tuning.measure(probe, choice, rounds=rounds)
             notes = "; ".join(f"{k}: {v}" for k, v in m.notes.items())
             out.writerow([probe.key()] + ["nan" if m.times_ms[form] is None else f"{m.times_ms[form]:.5f}"
                                           for form in FORMS] + [f"{load:.2f}", notes])
             f.flush()
             measured += 1
+            slowest = max(slowest, time.monotonic() - began)
             if progress is not None:
                 progress(len(done) + measured, len(done) + len(todo))
             if log is not None:

@@ -8,37 +8,52 @@ which appends index "terms" on a trailing axis. A constant added on the way is t
 bias. Whatever the exporter's layout (NCHW, NHWC with Transposes, sums of slices, frozen 1x1
 convs), the result says exactly which elements of `y` each output element sums, and
 `classify_output` turns that into a channel map, or into the reason it is not one.
+
+Indices are traced at one probe size of the symbolic dims. What makes the result hold at every
+size is the *axis structure* each `Traced` carries beside its indices: each axis as a product of
+factors, ints and symbol names. Every op keeps the symbolic factors whole (never sliced, gathered,
+summed, squeezed or broadcast, and reshapes only regroup them), or refuses with `SizeDependent`;
+the op then acts on the static factors alone, identically at every size, and `classify_output`
+checks that the symbolic factors end where the source had them.
+
+`OPS` holds one entry per op: its index propagation, whether it can sum channels, its constant
+evaluator; `TRACEABLE_OPS`, `SUMMING_OPS` and `SHAPE_OPS` derive from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import Callable
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import NodeProto
 
-from .graph import GraphIndex, attr
+from . import symbolic as sy
+from .graph import SHAPE_ONLY_OPS, GraphIndex, attr
+from .symbolic import WHOLE_AXIS_END, NotAChannelMove, NotConstant, SizeDependent, Sym, concrete, size_of
 
 INT_MAX = np.iinfo(np.int64).max
+Axes = tuple  # per axis, a tuple of factors: ints > 1 and symbol names
 
-
-class NotAChannelMove(Exception):
-    """The op (as configured) does not just move or sum elements; the message says why."""
+__all__ = ["NotAChannelMove", "SizeDependent", "Traced", "source", "ShapeEval", "propagate", "classify_output",
+           "ChannelMap", "OPS", "TRACEABLE_OPS", "SUMMING_OPS", "SHAPE_OPS", "conv_1x1_matrix"]
 
 
 class Traced:
-    """Index tensor(s) of shape data_shape + (terms,), -1 marking an absent term; plus a constant part.
+    """Index tensor(s) of shape data_shape + (terms,), -1 marking an absent term; a constant part;
+    and the axis structure (`axes`: per axis, its factors; symbol names for symbolic sizes).
 
     A sum keeps its operands as separate `parts` (the terms of all parts add up) so that a chain
     of Adds costs linear, not quadratic, time; `idx` concatenates them when an op needs one array.
     """
 
-    __slots__ = ("parts", "bias")
+    __slots__ = ("parts", "bias", "axes")
 
-    def __init__(self, idx: np.ndarray | list[np.ndarray], bias: np.ndarray | None = None):
+    def __init__(self, idx: np.ndarray | list[np.ndarray], bias: np.ndarray | None = None, axes: Axes | None = None):
         self.parts = list(idx) if isinstance(idx, list) else [idx]
         self.bias = bias  # float64, shape == data_shape, or None
+        self.axes = axes if axes is not None else static_axes(self.parts[0].shape[:-1])
 
     @property
     def idx(self) -> np.ndarray:
@@ -50,44 +65,120 @@ class Traced:
     def shape(self) -> tuple[int, ...]:
         return self.parts[0].shape[:-1]
 
+    def sym_shape(self) -> list:
+        """The shape as sizes (ints, or Syms for symbolic axes)."""
+        return [size_of(f) for f in self.axes]
 
-def source(shape: tuple[int, ...]) -> Traced:
+
+def static_axes(shape) -> Axes:
+    return tuple((int(d),) if d != 1 else () for d in shape)
+
+
+def source(shape: tuple[int, ...], axes: Axes | None = None) -> Traced:
     """The identity trace of a tensor of `shape`: every element is its own single term."""
     dtype = np.int32 if prod(shape) < 2**31 else np.int64
-    return Traced(np.arange(prod(shape), dtype=dtype).reshape(tuple(shape) + (1,)))
+    return Traced(np.arange(prod(shape), dtype=dtype).reshape(tuple(shape) + (1,)), axes=axes)
+
+
+def _norm(factors) -> tuple:
+    """Factors with adjacent ints merged and 1s dropped: equal iff the axes are the same function of the sizes."""
+    out: list = []
+    for f in factors:
+        if isinstance(f, str):
+            out.append(f)
+        elif f != 1:
+            if out and not isinstance(out[-1], str):
+                out[-1] *= f
+            else:
+                out.append(int(f))
+    return tuple(out)
+
+
+def _is_static(factors) -> bool:
+    return all(not isinstance(f, str) for f in factors)
+
+
+def _require_static(t: Traced, axis: int, what: str) -> None:
+    if not _is_static(t.axes[axis]):
+        raise SizeDependent(f"{what} axis {axis}, whose size {size_of(t.axes[axis])} depends on the input's size")
+
+
+def regroup(axes: Axes, dims) -> Axes:
+    """The factors of a reshape's output axes (`dims`: ints or Syms), cutting the flat factor order
+    of `axes`; SizeDependent when a symbolic factor would be split or mixed with another order."""
+    runs: list = [1]  # static runs between symbols: [c0, S1, c1, S2, ...]
+    for f in (x for a in axes for x in a):
+        if isinstance(f, str):
+            runs += [f, 1]
+        else:
+            runs[-1] *= f
+    pos, out = 0, []
+    for d in dims:
+        coef, syms = (d.coef, d.symbols()) if isinstance(d, Sym) else (int(d), {})
+        got: list = []
+        while syms:
+            run = runs[pos]
+            if run != 1:
+                if coef % run:
+                    raise SizeDependent(f"a reshape to {list(dims)} splits a symbolic size")
+                coef //= run
+                got.append(run)
+                runs[pos] = 1
+            sym = runs[pos + 1] if pos + 1 < len(runs) else None
+            if sym is None or syms.get(sym, 0) < 1:
+                raise SizeDependent(f"a reshape to {list(dims)} reorders or splits symbolic sizes")
+            syms[sym] -= 1
+            syms = {k: v for k, v in syms.items() if v}
+            got.append(sym)
+            pos += 2
+        while coef != 1:
+            run = runs[pos]
+            if run % coef == 0:
+                runs[pos] = run // coef
+                got.append(coef)
+                coef = 1
+            else:
+                raise SizeDependent(f"a reshape to {list(dims)} mixes static and symbolic sizes")
+        out.append(tuple(got))
+    if any(r != 1 for r in runs[pos::2]) or pos != len(runs) - 1:
+        raise SizeDependent(f"a reshape to {list(dims)} does not keep the symbolic sizes whole")
+    return tuple(out)
 
 
 # -- constant evaluation of shape subgraphs ------------------------------------------------------
 
 class ShapeEval:
-    """Evaluates small integer subgraphs (Shape -> Gather -> Cast -> Slice -> Concat ...) feeding
-    Reshapes, using the probe shapes of traced tensors and of the graph's (symbol-substituted) shapes."""
+    """Evaluates small integer subgraphs (Shape -> Gather -> Cast -> Slice -> Concat ...) feeding the
+    region's parameters, as functions of the symbolic sizes (see symbolic.py). Shapes come from the
+    traced tensors' axes and from the graph's inferred shapes (dim_params as symbols, through `aliases`)."""
 
     _MAX_ELEMENTS = 1 << 16
 
-    def __init__(self, index: GraphIndex, traced_shapes: dict[str, tuple[int, ...]], symbols: dict):
+    def __init__(self, index: GraphIndex, traced_axes: dict[str, Axes], aliases: dict[str, str] | None = None):
         self.ix = index
-        self.traced_shapes = traced_shapes
-        self.symbols = symbols
+        self.traced_axes = traced_axes
+        self.aliases = aliases or {}
         self.cache: dict[str, np.ndarray | None] = {}
+        self.why: dict[str, str] = {}  # why a value is not computable, where it depends on the sizes
 
-    def static_shape(self, name: str) -> tuple[int, ...] | None:
-        if name in self.traced_shapes:
-            return self.traced_shapes[name]
+    def sym_shape(self, name: str) -> list | None:
+        if name in self.traced_axes:
+            return [size_of(f) for f in self.traced_axes[name]]
         shape = self.ix.shape(name)
         if shape is None:
             return None
-        dims = []
+        dims: list = []
         for d in shape:
             if isinstance(d, int):
                 dims.append(d)
-            elif isinstance(d, str) and d in self.symbols:
-                dims.append(self.symbols[d])
+            elif isinstance(d, str) and d:
+                dims.append(Sym.of(self.aliases.get(d, d)))
             else:
                 return None
-        return tuple(dims)
+        return dims
 
     def value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """The value of `name` (an int array, or an object array holding Syms), None if not computable."""
         if name in self.cache:
             return self.cache[name]
         result = None
@@ -97,138 +188,61 @@ class ShapeEval:
                 result = self.ix.constant(name)
         elif depth < 48 and name in self.ix.producer:
             try:
-                result = self._eval(self.ix.producer[name], name, depth + 1)
-            except (ValueError, IndexError, TypeError, KeyError, NotAChannelMove):
+                result = self._eval(self.ix.producer[name], depth + 1)
+            except SizeDependent as exc:
+                self.why[name] = str(exc)
+            except (NotConstant, NotAChannelMove, ValueError, IndexError, TypeError, KeyError, OverflowError):
                 result = None
         self.cache[name] = result
         return result
 
-    def _eval(self, node: NodeProto, out_name: str, depth: int) -> np.ndarray | None:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
+    def _eval(self, node: NodeProto, depth: int) -> np.ndarray | None:
+        rule = OPS.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or rule is None or rule.evaluate is None or len(node.output) != 1:
             return None
-        if op in ("Shape", "Size"):
-            shape = self.static_shape(node.input[0])
-            if shape is None:
-                return None
-            if op == "Size":
-                return np.array(prod(shape), dtype=np.int64)
-            start, end = attr(node, "start", 0), attr(node, "end", None)
-            return np.array(shape[start:end], dtype=np.int64)
+        if rule.shape_only:
+            shape = self.sym_shape(node.input[0])
+            return None if shape is None else rule.evaluate(node, [shape], self.ix.opset)
         ins = []
-        for i, name in enumerate(node.input):
-            if not name:
-                ins.append(None)
-                continue
-            v = self.value(name, depth)
-            if v is None:
+        for name in node.input:
+            v = self.value(name, depth) if name else None
+            if v is None and name:
+                if self.why.get(name):
+                    raise SizeDependent(self.why[name])
                 return None
             ins.append(v)
-        if len(node.output) != 1:
-            return None
-        return _eval_small_op(node, ins, self.ix.opset)
-
-
-def _eval_small_op(node: NodeProto, ins: list, opset: int) -> np.ndarray | None:
-    op = node.op_type
-    if op == "Identity":
-        return ins[0]
-    if op == "Cast":
-        return ins[0].astype(helper.tensor_dtype_to_np_dtype(attr(node, "to")))
-    if op == "Gather":
-        return np.take(ins[0], ins[1].astype(np.int64), axis=attr(node, "axis", 0))
-    if op == "Concat":
-        return np.concatenate([np.atleast_1d(v) for v in ins if v is not None], axis=attr(node, "axis", 0))
-    if op == "Unsqueeze":
-        axes = attr(node, "axes") if opset < 13 else ins[1].tolist()
-        out = ins[0]
-        rank = out.ndim + len(axes)
-        for a in sorted(a % rank for a in axes):
-            out = np.expand_dims(out, a)
-        return out
-    if op == "Squeeze":
-        axes = attr(node, "axes") if opset < 13 else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
-        return np.squeeze(ins[0], axis=None if axes is None else tuple(axes))
-    if op == "Slice":
-        return ins[0][_slice_tuple(node, ins[0].shape, ins, opset)]
-    if op in ("Add", "Sub", "Mul", "Div", "Max", "Min"):
-        a, b = ins[0], ins[1]
-        if op == "Div" and np.issubdtype(a.dtype, np.integer):
-            return (np.trunc(a / b)).astype(a.dtype)
-        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-              "Max": np.maximum, "Min": np.minimum}[op]
-        return fn(a, b)
-    if op == "Reshape":
-        target = attr(node, "shape") if opset < 5 else ins[1].tolist()
-        return ins[0].reshape(_reshape_target(ins[0].shape, target, attr(node, "allowzero", 0)))
-    if op == "ReduceProd":
-        axes = attr(node, "axes") if opset < 18 else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
-        return np.prod(ins[0], axis=None if axes is None else tuple(axes), keepdims=bool(attr(node, "keepdims", 1)))
-    return None
+        return rule.evaluate(node, ins, self.ix.opset)
 
 
 # -- index propagation ------------------------------------------------------------------------
 
-def _reshape_target(shape, target, allowzero=0) -> tuple[int, ...]:
-    out = [int(t) for t in target]
-    for i, t in enumerate(out):
-        if t == 0 and not allowzero:
-            if i >= len(shape):
-                raise NotAChannelMove("Reshape copies a dim that does not exist")
-            out[i] = shape[i]
-    if out.count(-1) > 1:
-        raise NotAChannelMove("Reshape has several -1 dims")
-    total = prod(shape)
-    if -1 in out:
-        known = prod(d for d in out if d != -1)
-        if known == 0 or total % known:
-            raise NotAChannelMove(f"Reshape to {list(target)} does not fit {list(shape)}")
-        out[out.index(-1)] = total // known
-    if prod(out) != total:
-        raise NotAChannelMove(f"Reshape to {list(target)} does not fit {list(shape)}")
-    return tuple(out)
-
-
-def _slice_tuple(node: NodeProto, shape, ins, opset: int) -> tuple:
-    rank = len(shape)
-    if opset < 10:
-        starts, ends = attr(node, "starts"), attr(node, "ends")
-        axes = attr(node, "axes", list(range(len(starts))))
-        steps = [1] * len(starts)
-    else:
-        starts, ends = ins[1].tolist(), ins[2].tolist()
-        axes = ins[3].tolist() if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
-        steps = ins[4].tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-    index = [slice(None)] * rank
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis %= rank
-        dim = shape[axis]
-        if step == 0:
-            raise NotAChannelMove("Slice with step 0")
-        start = start + dim if start < 0 else start
-        end = end + dim if end < 0 else end
-        if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-            index[axis] = slice(start, end, step)
-        else:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-            index[axis] = slice(start, None if end < 0 else end, step)
-    return tuple(index)
-
-
-def _move(t: Traced, fn) -> Traced:
+def _move(t: Traced, fn, axes: Axes) -> Traced:
     """Apply a pure data-movement function (acting on arrays with a trailing terms axis) to every part."""
     bias = None if t.bias is None else fn(t.bias[..., None])[..., 0]
-    return Traced([fn(p) for p in t.parts], bias)
+    return Traced([fn(p) for p in t.parts], bias, axes)
 
 
-def _axes_input(node: NodeProto, ins, ev_values, opset: int, attr_before: int):
-    if opset < attr_before:
+@dataclass
+class _Ctx:
+    """What an op's propagation needs beside its inputs: the opset, and the probe sizes of the symbols."""
+
+    opset: int
+    env: dict
+
+    def conc(self, v):
+        return concrete(v, self.env)
+
+
+def _const_axes(ctx: _Ctx, node: NodeProto, values, i: int, input_from: int) -> list[int] | None:
+    """Constant axes (attribute before `input_from`, then input i); never size-dependent."""
+    if ctx.opset < input_from:
         return attr(node, "axes")
-    if len(node.input) > 1 and node.input[1]:
-        v = ev_values[1]
+    if len(node.input) > i and node.input[i]:
+        v = values[i]
         if v is None:
             raise NotAChannelMove(f"{node.op_type} axes are not constant")
+        if sy.is_symbolic(v):
+            raise SizeDependent(f"{node.op_type} axes depend on the input's size")
         return [int(a) for a in np.atleast_1d(v)]
     return None
 
@@ -250,8 +264,23 @@ def _full_bias(t: Traced, shape) -> np.ndarray:
     return np.broadcast_to(t.bias, shape)
 
 
+def _broadcast_axes(operands: list[Axes]) -> Axes:
+    """Axes of a broadcast (right-aligned): a symbolic axis may meet only itself or size 1 (a
+    broadcast of size 1 is the same at every size); a static size meeting it would not be."""
+    rank = max(len(a) for a in operands)
+    out = []
+    for k in range(rank):
+        seen = [a[k - rank + len(a)] for a in operands if k - rank + len(a) >= 0]
+        sym = {_norm(f) for f in seen if not _is_static(f)}
+        if len(sym) > 1 or (sym and any(_is_static(f) and _norm(f) != () for f in seen)):
+            raise SizeDependent("an elementwise op broadcasts a symbolic size")
+        out.append(next(iter(sym)) if sym else max(seen, key=lambda f: prod(f)))
+    return tuple(out)
+
+
 def _sum_traced(parts: list[Traced]) -> Traced:
     shape = np.broadcast_shapes(*(p.shape for p in parts))
+    axes = _broadcast_axes([p.axes for p in parts])
     idx = [np.broadcast_to(a, shape + (a.shape[-1],)) for p in parts for a in p.parts]
     biases = [p for p in parts if p.bias is not None]
     bias = None
@@ -259,14 +288,17 @@ def _sum_traced(parts: list[Traced]) -> Traced:
         bias = np.zeros(shape, dtype=np.float64)
         for p in biases:
             bias = bias + p.bias
-    return Traced(idx, bias)
+    return Traced(idx, bias, axes)
 
 
 def _add_constant(t: Traced, const: np.ndarray, sign: float) -> Traced:
+    if const.dtype == object or const.dtype.kind not in "iufb":
+        raise SizeDependent("the added constant depends on the input's size")
+    axes = _broadcast_axes([t.axes, static_axes(const.shape)])
     shape = np.broadcast_shapes(t.shape, const.shape)
     idx = [np.broadcast_to(a, shape + (a.shape[-1],)) for a in t.parts]
     bias = _full_bias(t, shape) + sign * const.astype(np.float64)
-    return Traced(idx, np.ascontiguousarray(np.broadcast_to(bias, shape)))
+    return Traced(idx, np.ascontiguousarray(np.broadcast_to(bias, shape)), axes)
 
 
 def conv_1x1_matrix(node: NodeProto, weight: np.ndarray | None) -> np.ndarray:
@@ -281,6 +313,9 @@ def conv_1x1_matrix(node: NodeProto, weight: np.ndarray | None) -> np.ndarray:
         raise NotAChannelMove("1x1 Conv has strides")
     if any(p != 0 for p in attr(node, "pads", [0])):
         raise NotAChannelMove("1x1 Conv has pads")
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID", "SAME_UPPER", b"SAME_UPPER",
+                                                "SAME_LOWER", b"SAME_LOWER"):
+        raise NotAChannelMove("1x1 Conv has an unknown auto_pad")
     matrix = weight.reshape(weight.shape[0], weight.shape[1])
     if not np.all((matrix == 0) | (matrix == 1)):
         raise NotAChannelMove("1x1 Conv weight is not a 0/1 channel-summing matrix")
@@ -291,6 +326,7 @@ def _conv_1x1(t: Traced, matrix: np.ndarray, bias: np.ndarray | None) -> Traced:
     out_c, in_c = matrix.shape
     if len(t.shape) < 3 or t.shape[1] != in_c:
         raise NotAChannelMove("1x1 Conv input is not channel-first with matching channels")
+    _require_static(t, 1, "1x1 Conv sums over")
     nnz = matrix.sum(axis=1).astype(np.int64)
     width = max(int(nnz.max()), 1)
     cols = np.zeros((out_c, width), dtype=np.int64)
@@ -311,137 +347,316 @@ def _conv_1x1(t: Traced, matrix: np.ndarray, bias: np.ndarray | None) -> Traced:
     if bias is not None and np.any(bias != 0):
         b = bias.astype(np.float64).reshape((1, out_c) + (1,) * (len(t.shape) - 2))
         out_bias = (out_bias if out_bias is not None else 0) + np.broadcast_to(b, idx.shape[:-1])
-    return Traced(idx, None if out_bias is None else np.ascontiguousarray(out_bias))
+    axes = (t.axes[0], static_axes([out_c])[0]) + tuple(t.axes[2:])
+    return Traced(idx, None if out_bias is None else np.ascontiguousarray(out_bias), axes)
 
 
-# Ops that may appear in an emulation region, and which of their inputs carry data.
-TRACEABLE_OPS = frozenset({
-    "Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
-    "Split", "Concat", "ReduceSum", "Add", "Sub", "Sum", "Conv",
-})
+# -- the ops, one function each --------------------------------------------------------------------
 
-
-def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndarray | None], opset: int) -> list[Traced]:
-    """Apply `node` to traced inputs (`traced[i]` is None where input i is a constant, whose value is `values[i]`)."""
-    try:
-        return _propagate(node, traced, values, opset)
-    except (ValueError, IndexError, TypeError, AttributeError) as exc:  # attributes the op cannot have
-        raise NotAChannelMove(f"inconsistent {node.op_type} ({exc})") from None
-
-
-def _propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndarray | None], opset: int) -> list[Traced]:
+def _t_sum(node, traced, values, ctx):
     op = node.op_type
-    x = traced[0] if traced else None
-    if op in ("Add", "Sub", "Sum"):
-        parts = [t for t in traced if t is not None]
-        consts = [(i, v) for i, (t, v) in enumerate(zip(traced, values)) if t is None]
-        if op == "Sub" and (traced[0] is None or traced[1] is not None):
-            raise NotAChannelMove("Sub of traced tensors is not a sum")
-        if any(v is None for _, v in consts):
-            raise NotAChannelMove(f"{op} mixes in a non-constant tensor")
-        out = _sum_traced(parts) if len(parts) > 1 else parts[0]
-        for i, v in consts:
-            out = _add_constant(out, v, -1.0 if op == "Sub" else 1.0)
-        return [out]
-    if x is None:
-        raise NotAChannelMove(f"{op}'s data input is not traced")
-    if any(t is not None for t in traced[1:]) and op not in ("Concat",):
-        raise NotAChannelMove(f"{op} uses traced data as a parameter")
-    if op == "Identity":
-        return [x]
-    if op == "Transpose":
-        perm = attr(node, "perm", list(range(len(x.shape)))[::-1])
-        return [_move(x, lambda a: a.transpose(list(perm) + [a.ndim - 1]))]
-    if op == "Reshape":
-        target = attr(node, "shape") if opset < 5 else (values[1].tolist() if values[1] is not None else None)
+    parts = [t for t in traced if t is not None]
+    consts = [(i, v) for i, (t, v) in enumerate(zip(traced, values)) if t is None]
+    if op == "Sub" and (traced[0] is None or traced[1] is not None):
+        raise NotAChannelMove("Sub of traced tensors is not a sum")
+    if any(v is None for _, v in consts):
+        raise NotAChannelMove(f"{op} mixes in a non-constant tensor")
+    out = _sum_traced(parts) if len(parts) > 1 else parts[0]
+    for _, v in consts:
+        out = _add_constant(out, v, -1.0 if op == "Sub" else 1.0)
+    return [out]
+
+
+def _t_identity(node, traced, values, ctx):
+    return [traced[0]]
+
+
+def _t_transpose(node, traced, values, ctx):
+    x = traced[0]
+    perm = list(attr(node, "perm", list(range(len(x.shape)))[::-1]))
+    if sorted(p % len(x.shape) for p in perm) != list(range(len(x.shape))):
+        raise NotAChannelMove("Transpose perm is not a permutation")
+    return [_move(x, lambda a: a.transpose(perm + [a.ndim - 1]), tuple(x.axes[p] for p in perm))]
+
+
+def _t_reshape(node, traced, values, ctx):
+    x = traced[0]
+    if ctx.opset < 5:
+        target = attr(node, "shape")
+    else:
+        target = values[1]
         if target is None:
             raise NotAChannelMove("Reshape target shape is not computable")
-        target = _reshape_target(x.shape, target, attr(node, "allowzero", 0))
-        return [_move(x, lambda a: a.reshape(target + (a.shape[-1],)))]
-    if op == "Flatten":
-        axis = attr(node, "axis", 1)
-        axis = axis + len(x.shape) if axis < 0 else axis
-        target = (prod(x.shape[:axis]), prod(x.shape[axis:]))
-        return [_move(x, lambda a: a.reshape(target + (a.shape[-1],)))]
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = _axes_input(node, traced, values, opset, 13)
-        rank = len(x.shape)
-        if op == "Squeeze":
-            axes = [i for i, d in enumerate(x.shape) if d == 1] if axes is None else [a % rank for a in axes]
-            if any(x.shape[a] != 1 for a in axes):
-                raise NotAChannelMove("Squeeze of a dim that is not 1")
-            return [_move(x, lambda a: np.squeeze(a, axis=tuple(axes)))]
-        out_rank = rank + len(axes)
-        axes = sorted(a % out_rank for a in axes)
+        target = target.reshape(-1).tolist()
+    allowzero = attr(node, "allowzero", 0) if ctx.opset >= 14 else 0
+    dims = sy.reshape_target(x.sym_shape(), target, allowzero)
+    return [_reshape_to(x, dims, ctx)]
 
-        def unsq(a):
-            for ax in axes:
-                a = np.expand_dims(a, ax)
-            return a
-        return [_move(x, unsq)]
-    if op == "Slice":
-        if opset >= 10 and any(values[i] is None for i in range(1, len(node.input)) if node.input[i]):
-            raise NotAChannelMove("Slice bounds are not constant")
-        index = _slice_tuple(node, x.shape, values, opset)
-        return [_move(x, lambda a: a[index])]
-    if op == "Gather":
+
+def _reshape_to(x: Traced, dims, ctx: _Ctx) -> Traced:
+    axes = regroup(x.axes, dims)
+    shape = tuple(concrete(np.array([size_of(f)], dtype=object), ctx.env)[0] for f in axes)
+    if prod(shape) != prod(x.shape):
+        raise NotAChannelMove(f"Reshape to {list(dims)} does not fit {list(x.shape)}")
+    return _move(x, lambda a: a.reshape(shape + (a.shape[-1],)), axes)
+
+
+def _t_flatten(node, traced, values, ctx):
+    x = traced[0]
+    rank = len(x.shape)
+    axis = attr(node, "axis", 1)
+    if not -rank <= axis <= rank:
+        raise NotAChannelMove("Flatten axis out of range")
+    axis = axis + rank if axis < 0 else axis
+    sizes = x.sym_shape()
+    head, tail = 1, 1
+    for d in sizes[:axis]:
+        head = head * d
+    for d in sizes[axis:]:
+        tail = tail * d
+    return [_reshape_to(x, [head, tail], ctx)]
+
+
+def _t_squeeze(node, traced, values, ctx):
+    x = traced[0]
+    rank = len(x.shape)
+    axes = _const_axes(ctx, node, values, 1, 13)
+    if axes is None:
+        if any(not _is_static(f) for f in x.axes):
+            raise SizeDependent("Squeeze without axes removes a symbolic dim wherever it is 1")
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+    axes = sorted({a % rank for a in axes})
+    if any(x.shape[a] != 1 or not _is_static(x.axes[a]) for a in axes):
+        raise NotAChannelMove("Squeeze of a dim that is not 1")
+    kept = tuple(f for i, f in enumerate(x.axes) if i not in axes)
+    return [_move(x, lambda a: np.squeeze(a, axis=tuple(axes)), kept)]
+
+
+def _t_unsqueeze(node, traced, values, ctx):
+    x = traced[0]
+    axes = _const_axes(ctx, node, values, 1, 13)
+    if axes is None:
+        raise NotAChannelMove("Unsqueeze without axes")
+    out_rank = len(x.shape) + len(axes)
+    axes = sorted(a % out_rank for a in axes)
+    if len(set(axes)) != len(axes):
+        raise NotAChannelMove("Unsqueeze with repeated axes")
+    new_axes = list(x.axes)
+    for ax in axes:
+        new_axes.insert(ax, ())
+
+    def unsq(a):
+        for ax in axes:
+            a = np.expand_dims(a, ax)
+        return a
+    return [_move(x, unsq, tuple(new_axes))]
+
+
+def _whole(start, end, step, size) -> bool:
+    """A Slice bound that spans the whole axis of `size` (maybe symbolic) at every size."""
+    if isinstance(start, Sym) or step != 1 or not (int(start) == 0 or int(start) <= -WHOLE_AXIS_END):
+        return False
+    return (not isinstance(end, Sym) and int(end) >= WHOLE_AXIS_END) or sy.provably_ge(end, size)
+
+
+def _t_slice(node, traced, values, ctx):
+    x = traced[0]
+    if ctx.opset >= 10 and any(values[i] is None for i in range(1, len(node.input)) if node.input[i]):
+        raise NotAChannelMove("Slice bounds are not constant")
+    starts, ends, axes, steps = sy.slice_params(node, values, ctx.opset)
+    rank = len(x.shape)
+    new_axes = list(x.axes)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % rank
+        size = size_of(x.axes[axis])
+        if isinstance(step, Sym):
+            raise SizeDependent("Slice step depends on the input's size")
+        if _whole(start, end, step, size):
+            continue
+        _require_static(x, axis, "Slice cuts a part of")
+        if isinstance(start, Sym) or (isinstance(end, Sym) and not sy.provably_ge(end, size)):
+            raise SizeDependent("Slice bounds depend on the input's size")
+    conc = [[int(ctx.conc(np.array([v], dtype=object))[0]) if isinstance(v, Sym) else int(v) for v in vs]
+            for vs in (starts, ends, axes, steps)]
+    index = sy.slice_tuple(x.shape, *conc)
+    for axis, sl in enumerate(index):
+        if sl != slice(None) and _is_static(x.axes[axis]):
+            new_axes[axis] = static_axes([len(range(*sl.indices(x.shape[axis])))])[0]
+    return [_move(x, lambda a: a[index], tuple(new_axes))]
+
+
+def _t_gather(node, traced, values, ctx):
+    x = traced[0]
+    if values[1] is None:
+        raise NotAChannelMove("Gather indices are not constant")
+    if sy.is_symbolic(values[1]):
+        raise SizeDependent("Gather indices depend on the input's size")
+    axis = attr(node, "axis", 0) % len(x.shape)
+    _require_static(x, axis, "Gather picks from")
+    indices = values[1].astype(np.int64)
+    if np.any((indices < -x.shape[axis]) | (indices >= x.shape[axis])):
+        raise NotAChannelMove("Gather indices out of range")
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    axes = tuple(x.axes[:axis]) + static_axes(indices.shape) + tuple(x.axes[axis + 1:])
+    return [_move(x, lambda a: np.take(a, indices, axis=axis), axes)]
+
+
+def _t_split(node, traced, values, ctx):
+    x = traced[0]
+    axis = attr(node, "axis", 0) % len(x.shape)
+    dim = x.shape[axis]
+    if ctx.opset < 13:
+        sizes = attr(node, "split")
+    elif len(node.input) > 1 and node.input[1]:
         if values[1] is None:
-            raise NotAChannelMove("Gather indices are not constant")
-        axis = attr(node, "axis", 0) % len(x.shape)
-        indices = values[1].astype(np.int64)
-        indices = np.where(indices < 0, indices + x.shape[axis], indices)
-        return [_move(x, lambda a: np.take(a, indices, axis=axis))]
-    if op == "Split":
-        axis = attr(node, "axis", 0) % len(x.shape)
-        dim = x.shape[axis]
-        if opset < 13:
-            sizes = attr(node, "split")
-        elif len(node.input) > 1 and node.input[1]:
-            if values[1] is None:
-                raise NotAChannelMove("Split sizes are not computable")
-            sizes = values[1].tolist()
-        else:
-            sizes = None
-        if sizes is None:
-            n = len(node.output)
-            chunk = -(-dim // n)
-            sizes = [min(chunk, dim - i * chunk) for i in range(n)]
-        bounds = np.cumsum([0] + list(sizes))
-        return [_move(x, lambda a, s=s, e=e: np.take(a, np.arange(s, e), axis=axis)) for s, e in zip(bounds[:-1], bounds[1:])]
-    if op == "Concat":
-        if any(t is None for t in traced):
-            raise NotAChannelMove("Concat with a non-traced input")
-        axis = attr(node, "axis") % len(x.shape)
-        idx = np.concatenate(_pad_terms([t.idx for t in traced]), axis=axis)
-        bias = None
-        if any(t.bias is not None for t in traced):
-            bias = np.concatenate([_full_bias(t, t.shape) for t in traced], axis=axis)
-        return [Traced(idx, bias)]
-    if op == "ReduceSum":
-        axes = _axes_input(node, traced, values, opset, 13)
-        rank = len(x.shape)
-        if not axes:
-            if opset >= 13 and attr(node, "noop_with_empty_axes", 0):
-                return [x]
-            axes = list(range(rank))
-        axes = sorted({a % rank for a in axes})
-        keep = [a for a in range(rank) if a not in axes]
-        keepdims = attr(node, "keepdims", 1)
-        kept_shape = tuple(1 if (a in axes) else x.shape[a] for a in range(rank)) if keepdims else tuple(x.shape[a] for a in keep)
-        idx = [p.transpose(keep + axes + [rank]).reshape(kept_shape + (-1,)) for p in x.parts]
-        bias = None
-        if x.bias is not None:
-            bias = x.bias.sum(axis=tuple(axes), keepdims=bool(keepdims))
-        return [Traced(idx, bias)]
-    if op == "Conv":
-        matrix = conv_1x1_matrix(node, values[1])
-        bias = None
-        if len(node.input) > 2 and node.input[2]:
-            bias = values[2]
-            if bias is None:
-                raise NotAChannelMove("1x1 Conv bias is not a constant")
-        return [_conv_1x1(x, matrix, bias)]
-    raise NotAChannelMove(f"{op} is not a channel move")
+            raise NotAChannelMove("Split sizes are not computable")
+        if sy.is_symbolic(values[1]):
+            raise SizeDependent("Split sizes depend on the input's size")
+        sizes = values[1].tolist()
+    else:
+        sizes = None
+    if sizes is None:
+        n = len(node.output)
+        chunk = -(-dim // n)
+        sizes = [min(chunk, dim - i * chunk) for i in range(n)]
+    if sum(sizes) != dim or any(s < 0 for s in sizes) or len(sizes) != len(node.output):
+        raise NotAChannelMove("Split sizes do not add up to the axis")
+    if len(sizes) > 1:
+        _require_static(x, axis, "Split cuts")
+    bounds = np.cumsum([0] + list(sizes))
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        axes = x.axes if len(sizes) == 1 else x.axes[:axis] + static_axes([e - s]) + x.axes[axis + 1:]
+        outs.append(_move(x, lambda a, s=s, e=e: np.take(a, np.arange(s, e), axis=axis), axes))
+    return outs
+
+
+def _t_concat(node, traced, values, ctx):
+    x = traced[0]
+    if any(t is None for t in traced):
+        raise NotAChannelMove("Concat with a non-traced input")
+    axis = attr(node, "axis") % len(x.shape)
+    for t in traced:
+        _require_static(t, axis, "Concat joins along")
+        if [_norm(f) for i, f in enumerate(t.axes) if i != axis] != [_norm(f) for i, f in enumerate(x.axes)
+                                                                      if i != axis]:
+            raise SizeDependent("Concat joins tensors whose other sizes differ as functions of the input's size")
+    idx = np.concatenate(_pad_terms([t.idx for t in traced]), axis=axis)
+    bias = None
+    if any(t.bias is not None for t in traced):
+        bias = np.concatenate([_full_bias(t, t.shape) for t in traced], axis=axis)
+    axes = x.axes[:axis] + static_axes([idx.shape[axis]]) + x.axes[axis + 1:]
+    return [Traced(idx, bias, axes)]
+
+
+def _t_reduce_sum(node, traced, values, ctx):
+    x = traced[0]
+    axes = _const_axes(ctx, node, values, 1, 13)
+    rank = len(x.shape)
+    if not axes:
+        if ctx.opset >= 13 and attr(node, "noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(rank))
+    axes = sorted({a % rank for a in axes})
+    for a in axes:
+        _require_static(x, a, "ReduceSum sums over")
+    keep = [a for a in range(rank) if a not in axes]
+    keepdims = attr(node, "keepdims", 1)
+    kept_shape = tuple(1 if (a in axes) else x.shape[a] for a in range(rank)) if keepdims \
+        else tuple(x.shape[a] for a in keep)
+    kept_axes = tuple(() if a in axes else x.axes[a] for a in range(rank)) if keepdims \
+        else tuple(x.axes[a] for a in keep)
+    idx = [p.transpose(keep + axes + [rank]).reshape(kept_shape + (-1,)) for p in x.parts]
+    bias = None
+    if x.bias is not None:
+        bias = x.bias.sum(axis=tuple(axes), keepdims=bool(keepdims))
+    return [Traced(idx, bias, kept_axes)]
+
+
+def _admit_conv(node: NodeProto, constant) -> str | None:
+    """Only a 0/1 1x1 Conv joins a region (it sums channels); any other Conv ends it, saying why."""
+    try:
+        conv_1x1_matrix(node, constant(node.input[1]))
+    except NotAChannelMove as exc:
+        return str(exc)
+    return None
+
+
+def _t_conv(node, traced, values, ctx):
+    matrix = conv_1x1_matrix(node, values[1])
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = values[2]
+        if bias is None:
+            raise NotAChannelMove("1x1 Conv bias is not a constant")
+    return [_conv_1x1(traced[0], matrix, bias)]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """Everything the analysis knows about one op."""
+
+    trace: Callable | None = None  # index propagation: (node, traced, values, ctx) -> outputs' Traced
+    sums: bool = False  # it can sum or regroup channels (a depthwise Conv followed by none emulates nothing)
+    joins: bool = False  # several inputs may be traced (sums, concatenations)
+    evaluate: Callable | None = None  # constant evaluation with ONNX's semantics: (node, inputs, opset)
+    shape_only: bool = False  # reads only its input's shape (its evaluator gets the shape)
+    admit: Callable | None = None  # before growing a region through it: (node, constant lookup) -> why not, or None
+
+
+OPS: dict[str, OpRule] = {
+    "Identity": OpRule(_t_identity, evaluate=sy.ev_identity),
+    "Transpose": OpRule(_t_transpose),
+    "Reshape": OpRule(_t_reshape, sums=True, evaluate=sy.ev_reshape),
+    "Flatten": OpRule(_t_flatten),
+    "Squeeze": OpRule(_t_squeeze, evaluate=sy.ev_squeeze),
+    "Unsqueeze": OpRule(_t_unsqueeze, evaluate=sy.ev_unsqueeze),
+    "Slice": OpRule(_t_slice, evaluate=sy.ev_slice),
+    "Gather": OpRule(_t_gather, evaluate=sy.ev_gather),
+    "Split": OpRule(_t_split),
+    "Concat": OpRule(_t_concat, joins=True, evaluate=sy.ev_concat),
+    "ReduceSum": OpRule(_t_reduce_sum, sums=True),
+    "Add": OpRule(_t_sum, sums=True, joins=True, evaluate=sy.ev_arith),
+    "Sub": OpRule(_t_sum, joins=True, evaluate=sy.ev_arith),
+    "Sum": OpRule(_t_sum, sums=True, joins=True),
+    "Conv": OpRule(_t_conv, sums=True, admit=_admit_conv),
+    "Mul": OpRule(evaluate=sy.ev_arith),
+    "Div": OpRule(evaluate=sy.ev_arith),
+    "Max": OpRule(evaluate=sy.ev_max_min),
+    "Min": OpRule(evaluate=sy.ev_max_min),
+    "Cast": OpRule(evaluate=sy.ev_cast),
+    "ReduceProd": OpRule(evaluate=sy.ev_reduce_prod),
+    "Shape": OpRule(evaluate=sy.ev_shape, shape_only=True),
+    "Size": OpRule(evaluate=sy.ev_size, shape_only=True),
+}
+# Ops that may appear in an emulation region.
+TRACEABLE_OPS = frozenset(op for op, r in OPS.items() if r.trace is not None)
+# Ops that sum or regroup channels: a depthwise Conv followed by none of them emulates nothing.
+SUMMING_OPS = frozenset(op for op, r in OPS.items() if r.sums)
+# Ops whose output the constant evaluator computes from constants and shapes.
+SHAPE_OPS = frozenset(op for op, r in OPS.items() if r.evaluate is not None)
+# Several traced inputs allowed.
+JOINING_OPS = frozenset(op for op, r in OPS.items() if r.joins)
+assert SHAPE_ONLY_OPS == frozenset(op for op, r in OPS.items() if r.shape_only)
+
+
+def propagate(node: NodeProto, traced: list[Traced | None], values: list[np.ndarray | None], opset: int,
+              env: dict | None = None) -> list[Traced]:
+    """Apply `node` to traced inputs (`traced[i]` is None where input i is a constant, whose value is
+    `values[i]`, maybe holding Syms); `env` gives the symbols' probe sizes."""
+    rule = OPS.get(node.op_type)
+    if rule is None or rule.trace is None:
+        raise NotAChannelMove(f"{node.op_type} is not a channel move")
+    x = traced[0] if traced else None
+    if node.op_type not in JOINING_OPS:
+        if x is None:
+            raise NotAChannelMove(f"{node.op_type}'s data input is not traced")
+        if any(t is not None for t in traced[1:]):
+            raise NotAChannelMove(f"{node.op_type} uses traced data as a parameter")
+    try:
+        return rule.trace(node, traced, values, _Ctx(opset, env or {}))
+    except (ValueError, IndexError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        raise NotAChannelMove(f"inconsistent {node.op_type} ({exc})") from None
 
 
 # -- reading the result -------------------------------------------------------------------------
@@ -458,13 +673,31 @@ class ChannelMap:
     layout: str
 
 
-def classify_output(t: Traced, source_shape: tuple[int, ...]) -> ChannelMap:
+def classify_output(t: Traced, source_shape: tuple[int, ...], source_axes: Axes | None = None) -> ChannelMap:
     """Read a channel map from a traced tensor, or raise NotAChannelMove saying why it is not one.
 
     The traced tensor must be the source's batch and spatial positions, unchanged, with one
     channel axis (first or last after batch), and each output channel must sum the same source
-    channels at every position.
+    channels at every position. With `source_axes`, its symbolic sizes must also sit where the
+    source had them (so that the map read at the probe sizes holds at every size).
     """
+    cmap = _classify(t, source_shape)
+    if source_axes is not None:
+        _check_axes(t.axes, source_axes, cmap.layout)
+    return cmap
+
+
+def _check_axes(axes: Axes, source_axes: Axes, layout: str) -> None:
+    """Batch and spatial axes must be the source's, as functions of the sizes; channels static."""
+    channel = 1 if layout == "NC" else len(axes) - 1
+    positions = [a for i, a in enumerate(axes) if i != channel]
+    wanted = [a for i, a in enumerate(source_axes) if i != 1]
+    if [_norm(a) for a in positions] != [_norm(a) for a in wanted] or not _is_static(axes[channel]):
+        raise SizeDependent(f"its batch and spatial dims are {[size_of(a) for a in positions]}, not the conv's "
+                            f"{[size_of(a) for a in wanted]} at every size")
+
+
+def _classify(t: Traced, source_shape: tuple[int, ...]) -> ChannelMap:
     n, channels, spatial = source_shape[0], source_shape[1], tuple(source_shape[2:])
     shape = t.shape
     if len(shape) != len(source_shape):
@@ -475,7 +708,8 @@ def classify_output(t: Traced, source_shape: tuple[int, ...]) -> ChannelMap:
     if shape[0] == n and tuple(shape[1:-1]) == spatial and len(shape) > 2:
         layouts.append("NLC")
     if not layouts:
-        raise NotAChannelMove(f"result shape {list(shape)} does not keep the conv's batch and spatial dims {[n, *spatial]}")
+        raise NotAChannelMove(f"result shape {list(shape)} does not keep the conv's batch and spatial dims "
+                              f"{[n, *spatial]}")
     reason = ""
     for layout in layouts:
         idx, bias = t.idx, t.bias

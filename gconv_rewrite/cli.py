@@ -11,22 +11,24 @@ import traceback
 import click
 
 from . import api, calibration
-from .errors import GconvError, InternalError
-from .model_io import check_writable
 from .decide import DIRECTIONS
+from .errors import GconvError, InternalError
 from .geometry import FORMS
+from .model_io import check_writable
 from .report import Decision
-from .runtime import PROVIDERS
+from .runtime import PROVIDERS, stdout_for_one_document
 from .verify import load_inputs
+
+_DOCUMENT = []  # while a --json command runs: the stream reserved for its JSON (see _json_only)
 
 
 def _echo(text: str = "", err: bool = False, nl: bool = True) -> None:
     """click.echo that survives a closed pipe (`... | head`): the rest of the output is dropped,
-    the work (and the output file) is not."""
+    the work (and the output file) is not. Under --json, stdout text goes to the reserved stream."""
     try:
-        click.echo(text, err=err, nl=nl)
+        click.echo(text, err=err, nl=nl, file=_DOCUMENT[-1] if _DOCUMENT and not err else None)
     except BrokenPipeError:
-        stream = sys.stderr if err else sys.stdout
+        stream = sys.stderr if err else _DOCUMENT[-1] if _DOCUMENT else sys.stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
@@ -71,7 +73,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
                 raise ValueError
             shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
-            raise click.BadParameter(f"'{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)", param_hint="--input-shape")
+            raise click.BadParameter(f"'{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)",
+                                     param_hint="--input-shape") from None
     return shapes
 
 
@@ -93,14 +96,50 @@ def main(debug=False):
     """
 
 
+def _provider_option(help_text: str = "onnxruntime provider (auto: CUDA if it really runs here, else CPU)."):
+    """--provider, declared once; each command says what the provider is for."""
+    return click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True, help=help_text)
+
+
+def _input_shape_option(help_text: str):
+    """--input-shape NAME:DxD.. (repeatable), declared once."""
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
+                        callback=lambda ctx, param, value: _parse_shapes(value), help=help_text)
+
+
+def _cache_option(help_text: str = "Tuning cache file (default: $GCONV_REWRITE_CACHE or "
+                                   "~/.cache/gconv-rewrite/tune.json)."):
+    """--cache FILE, declared once."""
+    return click.option("--cache", type=click.Path(dir_okay=False), default=None, help=help_text)
+
+
+def _device_option(help_text: str):
+    """--device GPU_MODEL, declared once."""
+    return click.option("--device", default=None, metavar="GPU_MODEL", help=help_text)
+
+
+def _profile_option(fn):
+    """--profile: plan with a named cost profile (e.g. for another machine) instead of this device's."""
+    return click.option("--profile", default=None, metavar="NAME|FILE.json",
+                        help="Cost profile to plan with: a shipped one (cpu, cpu-zen5-avx512) or a file "
+                             "(default: this device's calibration, else the closest machine class).")(fn)
+
+
+def _json_option(help_text: str = "Print only the JSON report on stdout."):
+    """--json, declared once."""
+    return click.option("--json", "as_json", is_flag=True, help=help_text)
+
+
+def _report_option(help_text: str):
+    """--report R.json, declared once."""
+    return click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help=help_text)
+
+
 def _verify_options(fn):
     """Options shared by the main command and `verify`."""
     options = [
-        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-                     help="onnxruntime provider (auto: CUDA if it really runs here, else CPU)."),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-                     help="Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
+        _provider_option(),
+        _input_shape_option("Resolve symbolic input dims (repeatable); a symbolic batch defaults to 2."),
         click.option("--inputs", "input_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
                      metavar="FILE.npz", help="Input sample (arrays named after the graph inputs); repeatable."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
@@ -114,13 +153,6 @@ def _verify_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
-
-
-def _profile_option(fn):
-    """--profile: plan with a named cost profile (e.g. for another machine) instead of this device's."""
-    return click.option("--profile", default=None, metavar="NAME|FILE.json",
-                        help="Cost profile to plan with: a shipped one (cpu, cpu-zen5-avx512) or a file "
-                             "(default: this device's calibration, else the closest machine class).")(fn)
 
 
 def _verify_kwargs(provider, input_shapes, input_files, seed, tolerance, compare_all, no_latency, rounds, quiet=False):
@@ -153,7 +185,8 @@ def _progress(label, quiet: bool = False):
 
 @main.command("rewrite")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the rewritten model.")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="auto", show_default=True,
               help="fuse: emulations -> one Conv; expand: grouped Conv -> depthwise emulation; auto: per node.")
 @click.option("--form", type=click.Choice(FORMS), default=None,
@@ -161,21 +194,20 @@ def _progress(label, quiet: bool = False):
 @click.option("--no-verify", is_flag=True, help="Do not prove the rewrite (no parity, no latency).")
 @click.option("--force", is_flag=True, help="Write OUT even when parity fails (the exit code is still 1).")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be the input file.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
-@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@_report_option("Also write the report as JSON (schema gconv-rewrite/rewrite-report, version 1).")
+@_json_option()
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print each form's predicted (or measured) time per node.")
 @click.option("--tune", "tune_first", is_flag=True,
               help="Measure this model's conv geometries in every form first (cached), and plan with the measurements.")
 @click.option("--no-tune", is_flag=True,
               help="Do not measure this model's geometries first on a device without its own calibration.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="Tuning cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@_cache_option()
+@_device_option("With --provider cuda --no-verify: plan for this GPU model's shipped CUDA profile.")
 @_profile_option
 @_verify_options
 def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, report_path, as_json, quiet, verbose,
-                tune_first, no_tune, cache, profile, **verify_options):
+                tune_first, no_tune, cache, device, profile, **verify_options):
     """Rewrite MODEL and write OUT, proven with onnxruntime unless --no-verify.
 
     auto (the default) picks per node the form the cost model predicts fastest on the target
@@ -183,13 +215,14 @@ def rewrite_cmd(model, output, direction, form, no_verify, force, in_place, repo
     is not faster beyond the noise."""
     if quiet and verbose:
         raise click.UsageError("-q and -v exclude each other")
-    if tune_first and no_tune:
-        raise click.UsageError("--tune and --no-tune exclude each other")
     if form is not None and direction != "auto":
         raise click.UsageError(f"--form {form} decides every node; it cannot be combined with --direction {direction}")
-    planning = dict(tune_first=tune_first, auto_tune=False if no_tune else None, cache=cache, profile=profile)
-    _guard(lambda: _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options,
-                            report_path, as_json, quiet, verbose, planning))
+    if tune_first and no_tune:
+        raise click.UsageError("--tune and --no-tune exclude each other")
+    planning = dict(tune_first=tune_first, auto_tune=False if no_tune else None, cache=cache, device=device,
+                    profile=profile)
+    _guard(_json_only(as_json, lambda: _rewrite(model, output, direction, form, no_verify, force, in_place,
+                                                verify_options, report_path, as_json, quiet, verbose, planning)))
 
 
 def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_options, report_path=None,
@@ -223,7 +256,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         for d in result.decisions:
             say(d.row())
             if d.reason:
-                say(textwrap.fill(d.reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
+                reason = d.reason + (f" [{d.code}]" if d.code else "")
+                say(textwrap.fill(reason, 80, initial_indent=" " * 10, subsequent_indent=" " * 12))
         if any(d.prediction is not None and d.prediction.basis == "measured" for d in result.decisions):
             say("(* measured by tune; other times predicted by the cost model)")
     if result.tuning is not None and not quiet:
@@ -234,7 +268,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         say(line)
     report = result.verification
     if report is not None:
-        for line in report.lines() if not quiet else report.lines()[:1] + ([report.latency.line()] if report.latency else []):
+        shown = report.lines()[:1] + ([report.latency.line()] if report.latency else []) if quiet else report.lines()
+        for line in shown:
             say(line)
     data = result.to_dict() | {"output": output}
     failed = report is not None and not report.passed and not force
@@ -252,7 +287,8 @@ def _rewrite(model, output, direction, form, no_verify, force, in_place, verify_
         if as_json:
             _echo(json.dumps(data, indent=2, default=_jsonable))
     if failed:
-        _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)", err=True)
+        _echo(f"error: the rewritten model fails parity; {output} not written (use --force to write it anyway)",
+              err=True)
         sys.exit(1)
     if result.count("reverted"):
         say(f"wrote {output} (the input, unchanged: the rewrite was reverted)")
@@ -291,35 +327,31 @@ def _write_json(path, data) -> None:
 
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON only.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="The target whose predicted times are shown.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Tuning cache file (see `tune`).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-              help="Give symbolic input dims a size for the predictions (repeatable).")
+@_json_option("Print the findings as JSON only.")
+@_provider_option("The target whose predicted times are shown.")
+@_cache_option("Tuning cache file (see `tune`).")
+@_input_shape_option("Give symbolic input dims a size for the predictions (repeatable).")
+@_device_option("With --provider cuda: plan for this GPU model's shipped CUDA profile (e.g. 'NVIDIA H200').")
 @_profile_option
-def inspect_cmd(model, as_json, provider, cache, input_shapes, profile):
+def inspect_cmd(model, as_json, provider, cache, input_shapes, device, profile):
     """List every grouped Conv and emulation in MODEL: what it computes, each form's predicted time,
     why a near-miss is one. Writes nothing."""
     def run():
         _announce_load(model, as_json)
-        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes, profile=profile), as_json)
-    _guard(run)
+        _print_report(api.inspect(model, provider, cache=cache, input_shapes=input_shapes, device=device,
+                                  profile=profile), as_json)
+    _guard(_json_only(as_json, run))
 
 
 @main.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="The provider to measure on (auto: CUDA if it really runs here, else CPU).")
-@click.option("--rounds", type=click.IntRange(3, 1000), default=9, show_default=True, help="Timing rounds per geometry.")
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
+@_provider_option("The provider to measure on (auto: CUDA if it really runs here, else CPU).")
+@click.option("--rounds", type=click.IntRange(3, 1000), default=9, show_default=True,
+              help="Timing rounds per geometry.")
+@_cache_option("Cache file (default: $GCONV_REWRITE_CACHE or ~/.cache/gconv-rewrite/tune.json).")
 @click.option("--force", is_flag=True, help="Measure again geometries already in the cache.")
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON only.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD..",
-                     callback=lambda ctx, param, value: _parse_shapes(value),
-              help="Give symbolic input dims a size, so that those convs can be measured (repeatable).")
+@_json_option("Print the measurements as JSON only.")
+@_input_shape_option("Give symbolic input dims a size, so that those convs can be measured (repeatable).")
 def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
     """Measure every grouped-conv geometry of MODEL in each exact form on this machine, and cache it.
 
@@ -328,12 +360,11 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
         _announce_load(model, as_json)
         _print_report(api.tune(model, provider, rounds=rounds, cache=cache, force=force,
                                input_shapes=input_shapes, progress=_progress("tuning", as_json)), as_json)
-    _guard(run)
+    _guard(_json_only(as_json, run))
 
 
 @main.command("calibrate")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="The provider to calibrate (auto: CUDA if it really runs here, else CPU).")
+@_provider_option("The provider to calibrate (auto: CUDA if it really runs here, else CPU).")
 @click.option("--minutes", type=click.FloatRange(0, min_open=True), default=4.0, show_default=True,
               help="Stop starting new measurements after this long (a rerun resumes).")
 @click.option("--count", type=click.IntRange(1, 2000), default=160, show_default=True,
@@ -341,7 +372,7 @@ def tune_cmd(model, provider, rounds, cache, force, as_json, input_shapes):
 @click.option("--rounds", type=click.IntRange(3, 1000), default=5, show_default=True,
               help="Timing rounds per geometry.")
 @click.option("--fresh", is_flag=True, help="Forget this device's earlier calibration and start again.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+@_json_option("Print the report as JSON only.")
 def calibrate_cmd(provider, minutes, count, rounds, fresh, as_json):
     """Calibrate the cost model on this machine: time every form on a grid of conv geometries and fit.
 
@@ -349,7 +380,7 @@ def calibrate_cmd(provider, minutes, count, rounds, fresh, as_json):
     def run():
         _print_report(calibration.calibrate(provider, minutes=minutes, count=count, rounds=rounds, fresh=fresh,
                                             progress=_progress("calibrate", as_json)), as_json)
-    _guard(run)
+    _guard(_json_only(as_json, run))
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -364,9 +395,8 @@ def _print_report(report, as_json: bool) -> None:
 @main.command("verify")
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON (schema gconv-rewrite/verify-report, version 1).")
-@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+@_report_option("Also write the report as JSON (schema gconv-rewrite/verify-report, version 1).")
+@_json_option()
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdicts.")
 @_verify_options
 def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_options):
@@ -388,7 +418,22 @@ def verify_cmd(reference, candidate, report_path, as_json, quiet, **verify_optio
                 _echo(line)
         if not report.passed:
             sys.exit(1)
-    _guard(run)
+    _guard(_json_only(as_json, run))
+
+
+def _json_only(as_json: bool, fn):
+    """--json: stdout carries the JSON document only; whatever libraries print goes to stderr."""
+    if not as_json:
+        return fn
+
+    def run():
+        with stdout_for_one_document() as document:
+            _DOCUMENT.append(document)
+            try:
+                fn()
+            finally:
+                _DOCUMENT.pop()
+    return run
 
 
 def _guard(fn):
@@ -414,7 +459,7 @@ DEBUG_ENV = "GCONV_REWRITE_DEBUG"
 
 def _internal_error(exc: BaseException) -> None:
     """A bug is not bad input: say it is ours, which version, and how to get the traceback to report it."""
-    from . import __version__
+    from . import __version__  # noqa: PLC0415 - __init__ imports this module: a top-level import would be a cycle
     text = str(exc).strip().splitlines()
     what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
     if _debug():

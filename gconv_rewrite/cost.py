@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import runtime
+from .errors import GconvError
 from .geometry import FORMS, Probe
 
 PROFILE_SCHEMA = "gconv-rewrite/cost-profile"
@@ -119,7 +120,7 @@ class Profile:
     # -- predictions ------------------------------------------------------------------------
     def native_ms(self, p: Probe) -> float:
         path = "nchwc" if p.cig % self.block == 0 and p.cog % self.block == 0 else "plain"
-        coef = self.native.get(path) or self.native.get("nchwc")
+        coef = self.native.get(path) or self.native.get("nchwc") or self.native.get("plain")  # a partial fit: one path
         return float(math.exp(np.dot(coef, native_terms(p))))
 
     def predict(self, p: Probe, block: int | None = None) -> dict[str, float]:
@@ -146,8 +147,8 @@ class Profile:
         basis = self.basis_on(current_device)
         if p is None:
             return Prediction("", {}, "native",
-                              "spatial size unknown (give it with --input-shape): no prediction, so the native form", "prior",
-                              "no static spatial size")
+                              "spatial size unknown (give it with --input-shape): no prediction, so the native form",
+                              "prior", "no static spatial size")
         if (p.dtype != "float32" or len(p.kernel) != 2) and self.points:
             times = roofline(p, self.provider)
             what = p.dtype if p.dtype != "float32" else f"{len(p.kernel)}-D convs"
@@ -290,18 +291,57 @@ def load_profile(name: str) -> Profile:
     return Profile(name.split("-")[0], "", "", 8, False, note="no measurements for this provider yet; roofline prior")
 
 
+def shipped_profiles(provider: str) -> list[Profile]:
+    """Every calibrated profile shipped for `provider` (profiles/<provider>.json and <provider>-*.json)."""
+    found = []
+    for name in sorted(os.listdir(_PROFILES)) if os.path.isdir(_PROFILES) else []:
+        if name.endswith(".json") and (name == f"{provider}.json" or name.startswith(f"{provider}-")):
+            with open(os.path.join(_PROFILES, name)) as f:
+                profile = Profile.from_dict(json.load(f))
+            if profile.calibrated and profile.provider == provider:
+                found.append(profile)
+    return found
+
+
+def cuda_target(asked: str | None) -> tuple[Profile | None, str, str]:
+    """(profile, device, note) for planning CUDA: the shipped profile of the GPU model `asked` for,
+    else, where no CUDA GPU runs here, the only shipped CUDA profile; (None, '', '') otherwise."""
+    shipped = shipped_profiles("cuda")
+    if asked:
+        match = [p for p in shipped if p.device.strip().lower() == asked.strip().lower()]
+        if not match:
+            have = ", ".join(f"'{p.device}'" for p in shipped) or "none yet"
+            raise GconvError(f"--device '{asked}': no CUDA profile ships for that GPU model (shipped: {have})")
+        return match[0], match[0].device, f"planning for {match[0].device} as asked (--device), not run here"
+    if len(shipped) == 1 and not runtime.cuda_runs_here():
+        return shipped[0], shipped[0].device, (f"planning for {shipped[0].device}, the only GPU model with a "
+                                               "shipped CUDA profile (no CUDA GPU runs here)")
+    return None, "", ""
+
+
 class Planner:
     """Picks a form per conv for one provider: measured times first (`tune`), else the profile's predictions.
 
-    measured: ms per form by probe key, as measured on this target (tune_cache.TuneCache.times);
-    warning: why measurements that exist were not used (reports repeat it), '' when none.
+    measured: ms per form by probe key, as measured on the target planned for (tune_cache.TuneCache.times
+    of tune_cache.target_key(provider, planner.device); tune_cache.cached_planner looks them up);
+    warning: why measurements that exist were not used (reports repeat it), '' when none;
+    device: for CUDA, the GPU model to plan for by its shipped profile (`--device`), when not this machine's.
     """
 
     def __init__(self, provider: str = "cpu", measured: dict[str, dict[str, float | None]] | None = None,
-                 profile: Profile | None = None, warning: str = ""):
+                 profile: Profile | None = None, warning: str = "", device: str | None = None):
         self.provider = provider
         self.profile = profile or load_profile(provider)
         self.device = runtime.device_name(provider)
+        self.planned_for = ""  # why the device planned for is not this machine's (CUDA planning on a build machine)
+        if provider == "cuda" and profile is None:
+            target, named, self.planned_for = cuda_target(device)
+            if target is not None:
+                self.profile, self.device = target, named
+            elif any(p.device == self.device for p in shipped_profiles("cuda")):
+                self.profile = next(p for p in shipped_profiles("cuda") if p.device == self.device)
+        elif device:
+            raise GconvError(f"--device '{device}' names a GPU model to plan for: it needs --provider cuda")
         # The kernel-path flag is in the profile's coordinates: its machine's NCHWc block, never the host's.
         self.block = self.profile.block
         self.warning = warning
@@ -314,7 +354,12 @@ class Planner:
         prediction = self.profile.choose(probe, available, measured, self.block, self.device)
         if probe is not None:
             prediction.work = explain_work(probe, available)
+        if self.planned_for and prediction.basis == "calibrated":
+            prediction.source = self.describe()
         return prediction
 
     def describe(self) -> str:
+        if self.planned_for:
+            return (f"{self.provider} profile calibrated on {self.profile.device}, onnxruntime "
+                    f"{self.profile.ort_version}: {self.planned_for}")
         return self.profile.describe(self.device)

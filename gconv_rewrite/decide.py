@@ -44,7 +44,7 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
     if isinstance(cand, Skip):
         return Decision(node_label(cand.node), cand.kind, "skipped",
                         "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
-                        cand.reason, spec), None
+                        cand.reason, spec, code=cand.code), None
     native = isinstance(cand, NativeGrouped)
     label = node_label(cand.node if native else cand.dw)
     kind = "grouped_conv" if native else "emulation"
@@ -69,19 +69,23 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
         else:
             form = {"expand": "dw", "fuse": "native"}[direction]
     elif depthwise and form != "native":
-        return decision("skipped", f"a depthwise Conv has no {form} form", current), None
+        skipped = decision("skipped", f"a depthwise Conv has no {form} form", current)
+        skipped.code = "no_such_form"
+        return skipped, None
     if native and form == current:
         return decision("kept", f"already in the {form} form", current), None
     if form == "dw" and opset < 5:
-        return decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, "
-                                   "so the emulation cannot be written", current), None
+        skipped = decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, "
+                                      "so the emulation cannot be written", current)
+        skipped.code = "opset_too_old"
+        return skipped, None
     action = {"native": "fused" if not native else "kept",
               "dw": "expanded" if native else "converted"}.get(form, "converted")
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
     if depthwise and cand.grouping.max_terms > 1:
         # Exact all the same: the model computes this, whatever its author meant.
-        reason = (f"NOT a grouped conv: it sums over the multiplier axis (Cog), not the in-group axis; "
-                  f"rewritten to the depthwise Conv it equals")
+        reason = ("NOT a grouped conv: it sums over the multiplier axis (Cog), not the in-group axis; "
+                  "rewritten to the depthwise Conv it equals")
     if direction == "auto" and prediction is not None and prediction.form == form:
         reason = (reason + "; " if reason else "") + prediction.why
     return decision(action, reason, "depthwise" if depthwise else form), form

@@ -7,7 +7,6 @@ the graph's size.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -16,6 +15,18 @@ from onnx import GraphProto, NodeProto, numpy_helper
 Shape = tuple  # of int | str | None
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def scoped_subgraphs(node: NodeProto) -> list[tuple[str, int, GraphProto]]:
+    """(attribute name, index, graph) of each graph-valued attribute: with the node's position, a
+    subgraph's key in its parent's scope."""
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append((attr.name, 0, attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend((attr.name, i, g) for i, g in enumerate(attr.graphs))
+    return out
 
 
 def subgraphs(node: NodeProto) -> list[GraphProto]:
@@ -52,6 +63,9 @@ class GraphIndex:
         self.opset = opset
         self.outer = outer
         self.shapes = shapes
+        self.scope = outer.scope_of(graph) if outer is not None else ()
+        self._sub_scopes: dict[int, tuple] = {}
+        self._subs: list[GraphProto] = []  # keeps the wrappers alive, so that their ids stay theirs
         self.nodes: list[NodeProto] = list(graph.node)
         self.position: dict[int, int] = {}
         self.reads: dict[int, list[str]] = {}  # node -> every name it reads, subgraph references included
@@ -65,8 +79,10 @@ class GraphIndex:
                 self.producer[out] = node
             reads = [n for n in node.input if n]
             if node.attribute:
-                for g in subgraphs(node):
+                for name, i, g in scoped_subgraphs(node):
                     reads.extend(outer_references(g))
+                    self._sub_scopes[id(g)] = self.scope + ((pos, name, i),)
+                    self._subs.append(g)
             if len(reads) > 1:
                 reads = list(dict.fromkeys(reads))
             self.reads[key] = reads
@@ -122,8 +138,17 @@ class GraphIndex:
 
     # -- structure -------------------------------------------------------------------------
 
+    def scope_of(self, graph: GraphProto) -> tuple:
+        """The scope key of a subgraph of one of this graph's nodes (see ShapeTable)."""
+        key = self._sub_scopes.get(id(graph))
+        if key is None:
+            raise KeyError(f"graph '{graph.name}' is not a subgraph of a node of {self.path}")
+        return key
+
     def shape(self, name: str) -> Shape | None:
-        return self.shapes.get(name)
+        """The inferred shape of `name` as the scope that defines it sees it (sibling If branches or
+        Loop bodies may reuse a name with another shape)."""
+        return self.shapes.get(name, self.scope)
 
     def data_consumers(self, name: str) -> list[NodeProto]:
         """Consumers that read the tensor's values (Shape/Size only read its shape)."""
@@ -172,18 +197,30 @@ class ShapeTable:
     def __init__(self, model: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto] | None = None):
         self._model = model
         self._infos = infos  # already inferred (model_io.load validates with the same inference)
-        self._cache: dict[str, Shape | None] = {}
+        self._cache: dict[tuple, Shape | None] = {}
 
-    def get(self, name: str) -> Shape | None:
-        if name in self._cache:
-            return self._cache[name]
+    def get(self, name: str, scope: tuple = ()) -> Shape | None:
+        """The shape of `name` seen from `scope`: the innermost enclosing scope that knows it."""
+        key = (scope, name)
+        if key in self._cache:
+            return self._cache[key]
         if self._infos is None:
             self._infos = _inferred_value_infos(self._model)
             self._model = None
-        vi = self._infos.get(name)
+        vi = self._lookup(name, scope)
         shape = _dims(vi) if vi is not None else None
-        self._cache[name] = shape
+        self._cache[key] = shape
         return shape
+
+    def _lookup(self, name: str, scope: tuple) -> onnx.ValueInfoProto | None:
+        scopes = getattr(self._infos, "scopes", None)
+        if scopes is None:  # a plain name -> ValueInfo dict (one scope)
+            return self._infos.get(name)
+        for depth in range(len(scope), -1, -1):
+            vi = scopes.get(scope[:depth], {}).get(name)
+            if vi is not None:
+                return vi
+        return None
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -219,28 +256,74 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     skeleton_model = skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton_model, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception:  # inference is a help, not a requirement: analysis falls back to probe sizes
-        inferred = skeleton_model
-    return value_infos(inferred)
+        return infer_value_infos(skeleton_model, strict=False)
+    except Exception:  # noqa: BLE001 - inference is a help, not a requirement: analysis falls back to probe sizes
+        return value_infos(skeleton_model)
 
 
-def value_infos(inferred: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Every value's ValueInfo in an inferred model, subgraphs included."""
-    infos: dict[str, onnx.ValueInfoProto] = {}
-    _collect_value_infos(inferred.graph, infos)
+def infer_value_infos(skel: onnx.ModelProto, strict: bool) -> "ScopedInfos":
+    """Shape inference (types checked), with data propagation where onnx manages it.
+
+    onnx's data propagation keeps one table of values by name across scopes, so sibling If
+    branches that reuse a name (which onnx.checker and onnxruntime accept) trip it: then the
+    model is inferred without propagated values; the analysis evaluates shape subgraphs itself.
+    Strict, that fallback is taken only where scopes do reuse a name: elsewhere a failure with
+    propagated values is an inconsistency of the model (e.g. a Reshape target that makes an Add's
+    shapes incompatible), not onnx's limitation, and is raised.
+    """
+    infer = onnx.shape_inference.infer_shapes
+    try:
+        return value_infos(infer(skel, check_type=True, strict_mode=strict, data_prop=True))
+    except Exception:
+        if strict and not names_reused_across_scopes(skel.graph):
+            raise
+        return value_infos(infer(skel, check_type=True, strict_mode=strict, data_prop=False))
+
+
+def names_reused_across_scopes(graph: GraphProto) -> bool:
+    """True when two scopes (the graph, If branches, Loop/Scan bodies, at any depth) define the same
+    name: what onnx's data propagation, with one table of values for all scopes, cannot handle."""
+    seen: set[str] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        own = {i.name for i in g.input} | {t.name for t in g.initializer}
+        own |= {o for n in g.node for o in n.output if o}
+        if own & seen:
+            return True
+        seen |= own
+        for node in g.node:
+            if node.attribute:
+                stack.extend(subgraphs(node))
+    return False
+
+
+class ScopedInfos(dict):
+    """name -> ValueInfo (the outermost scope's first), plus `scopes`: scope key -> that scope's own
+    name -> ValueInfo. A scope key is a tuple of (node position, attribute name, index) steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.scopes: dict[tuple, dict[str, onnx.ValueInfoProto]] = {}
+
+
+def value_infos(inferred: onnx.ModelProto) -> ScopedInfos:
+    """Every value's ValueInfo in an inferred model, subgraphs included, also per scope."""
+    infos = ScopedInfos()
+    _collect_value_infos(inferred.graph, infos, ())
     return infos
 
 
-def _collect_value_infos(graph: GraphProto, infos: dict) -> None:
+def _collect_value_infos(graph: GraphProto, infos: ScopedInfos, scope: tuple) -> None:
+    own = infos.scopes.setdefault(scope, {})
     for field in (graph.input, graph.output, graph.value_info):
         for vi in field:
+            own.setdefault(vi.name, vi)
             infos.setdefault(vi.name, vi)
-    for node in graph.node:
+    for pos, node in enumerate(graph.node):
         if node.attribute:
-            for sub in subgraphs(node):
-                _collect_value_infos(sub, infos)
+            for name, i, sub in scoped_subgraphs(node):
+                _collect_value_infos(sub, infos, scope + ((pos, name, i),))
 
 
 def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
@@ -309,4 +392,5 @@ class NameGen:
 
 
 def _is_identity(node: NodeProto) -> bool:
-    return node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1 and bool(node.input[0])
+    return (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1
+            and bool(node.input[0]))

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import basis, model_io, runtime
-from .cost import Prediction
 from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
+from .cost import Prediction
 from .geometry import FORMS, ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
 from .tune_cache import cached_planner
@@ -30,6 +30,7 @@ class Finding:
     emulation_nodes: int = 0  # nodes of the emulation region (depthwise Conv included)
     intermediate_mb_per_image: float | None = None  # the emulation's Cig-times-larger tensor
     prediction: Prediction | None = None  # each form's predicted (or tuned) time on the target
+    code: str = ""  # skipped: the reason's stable short code (docs/reports.md)
 
     def line(self) -> str:
         """The finding for the terminal (several lines of at most ~80 columns)."""
@@ -49,7 +50,7 @@ class Finding:
             verb = "uses" if self.status == "emulated" else "would use"
             parts.append(f"the emulation {verb} {self.intermediate_mb_per_image:.2f} MiB per image extra")
         if self.reason:
-            parts.append(self.reason)
+            parts.append(self.reason + (f" [{self.code}]" if self.code else ""))
         if self.prediction is not None and self.prediction.times_ms:
             parts.append(self.prediction.times_line())
             if self.prediction.work:
@@ -111,14 +112,15 @@ class InspectReport:
 
 
 def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str | None = None,
-            input_shapes: dict[str, tuple[int, ...]] | None = None, profile: str | None = None,
-            _info=None) -> InspectReport:
+            input_shapes: dict[str, tuple[int, ...]] | None = None, _info=None, device: str | None = None,
+            profile: str | None = None) -> InspectReport:
     """Find every grouped Conv and emulation subgraph (all graphs) without changing anything.
 
     Each finding carries every form's predicted time on `provider` (measured, where `tune`
     cached this geometry) and the form the cost model would pick. `input_shapes` resolves
-    symbolic input dims (name -> shape) for those predictions. `profile` names the cost profile
-    (a shipped one's name or a file; default: see basis.select).
+    symbolic input dims (name -> shape) for those predictions. `device` (provider "cuda"): plan for
+    that GPU model with its shipped CUDA profile. `profile` names the cost profile (a shipped
+    one's name or a file; default: see basis.select).
     """
     if _info is None:
         loaded, info = model_io.load(model)
@@ -129,7 +131,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
     opset = default_opset(loaded)
     choice = runtime.target_provider(provider)  # nothing runs: a CPU-only machine may inspect for CUDA
     chosen = basis.select(choice.name, named=profile)
-    planner = cached_planner(choice.name, cache, chosen.profile)
+    planner = cached_planner(choice.name, cache, chosen.profile, device=device)
     report = InspectReport(provider=choice.name, cost_model=planner.describe(),
                            warnings=chosen.warnings + ([planner.warning] if planner.warning else []))
 
@@ -152,7 +154,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
 def _finding(cand, path: str, spec: ConvSpec | None) -> Finding:
     if isinstance(cand, Skip):
         what = "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops"
-        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec)
+        return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec, code=cand.code)
     mb = None
     elements = spec.emulation_intermediate_elements()
     if isinstance(cand, Emulation) and spec.output_spatial_size() is not None:

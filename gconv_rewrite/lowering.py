@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from math import gcd
 
-
 import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
@@ -62,7 +61,8 @@ def dense_weights(weight: np.ndarray, group: int) -> np.ndarray:
 def split_weights(weight: np.ndarray, bias: np.ndarray | None, group: int):
     """Per-group (weight, bias) of the Split -> G Convs -> Concat form."""
     cog = weight.shape[0] // group
-    return [(weight[g * cog:(g + 1) * cog], None if bias is None else bias[g * cog:(g + 1) * cog]) for g in range(group)]
+    return [(weight[g * cog:(g + 1) * cog], None if bias is None else bias[g * cog:(g + 1) * cog])
+            for g in range(group)]
 
 
 # -- channel map -> one Conv ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import ModelProto, TensorProto
 
 from .errors import GconvError
-from .graph import skeleton, value_infos
+from .graph import infer_value_infos, skeleton
 
 # A path, a ModelProto, or an onnx-graphsurgeon Graph (how TensorRT pipelines hold their models).
 ModelSource = ModelProto | gs.Graph | str | os.PathLike
@@ -81,7 +81,8 @@ def check_external_locations(model: ModelProto, base_dir: str) -> None:
         target = os.path.realpath(os.path.join(base, location))
         if os.path.commonpath([base, target]) != base:
             raise GconvError(
-                f"tensor '{tensor.name}': external data location '{location}' resolves outside the model's folder; refused")
+                f"tensor '{tensor.name}': external data location '{location}' resolves outside the model's folder; "
+                "refused")
         if not os.path.isfile(target):
             raise GconvError(f"tensor '{tensor.name}': external data file '{location}' not found beside the model")
 
@@ -116,7 +117,7 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
             raise GconvError(f"{path}: empty file, not an ONNX model")
         try:
             model = onnx.load(path, load_external_data=False)
-        except Exception as exc:  # protobuf's DecodeError and friends
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: any failure means not a model
             raise GconvError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
         if not model.HasField("graph") or model.ir_version == 0:
             raise GconvError(f"{path}: not a valid ONNX model (no graph or IR version)")
@@ -127,7 +128,7 @@ def load(src: ModelSource, weights: bool = True) -> tuple[ModelProto, ModelInfo]
         if had_external and weights:
             try:
                 onnx.load_external_data_for_model(model, base_dir)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure reading the data files is one user error
                 raise GconvError(f"{path}: cannot read external data ({_first_line(exc)})") from None
     if not model.HasField("graph"):
         raise GconvError("not a valid ONNX model (no graph)")
@@ -143,7 +144,7 @@ def from_graphsurgeon(graph: gs.Graph) -> ModelProto:
     the Graph is not changed."""
     try:
         return gs.export_onnx(graph)
-    except Exception as exc:  # e.g. a graph input or output without a dtype
+    except Exception as exc:  # noqa: BLE001 - e.g. a graph input or output without a dtype
         raise GconvError(f"cannot export the onnx-graphsurgeon Graph ({type(exc).__name__}: {_first_line(exc)})") \
             from None
 
@@ -207,10 +208,8 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     skel = skeleton(model)
     infos: dict = {}
     try:  # strict: inconsistent types or shapes are bad input (ops without a known schema are skipped)
-        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
-        infos = value_infos(inferred)
-        del inferred
-    except Exception as exc:
+        infos = infer_value_infos(skel, strict=True)
+    except Exception as exc:  # noqa: BLE001 - onnx's inference errors are bad input: one user error
         if not _about_unloaded_data(model, exc):
             raise GconvError(f"{label}: shape inference fails ({_first_line(exc)})") from None
     # The checker insists on a `shape` field on graph inputs/outputs, which onnxruntime treats as
@@ -225,7 +224,7 @@ def validate(model: ModelProto, label: str = "model") -> dict:
     except onnx.checker.ValidationError as exc:
         if not _about_unloaded_data(model, exc):
             raise GconvError(f"{label}: invalid model ({_first_line(exc)})") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - anything else the checker raises also means an invalid model
         raise GconvError(f"{label}: invalid model ({type(exc).__name__}: {_first_line(exc)})") from None
     return infos
 
@@ -255,8 +254,8 @@ def shapes_at(model: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> di
             d.Clear()
             d.dim_value = size
     try:
-        return value_infos(onnx.shape_inference.infer_shapes(skel, check_type=True, data_prop=True))
-    except Exception as exc:
+        return infer_value_infos(skel, strict=False)
+    except Exception as exc:  # noqa: BLE001 - inference failing on the given shapes is one user error
         raise GconvError(f"--input-shape: shape inference fails with these shapes ({_first_line(exc)})") from None
 
 
@@ -274,7 +273,8 @@ def _check_versions(model: ModelProto, label: str) -> None:
     newest = onnx.defs.onnx_opset_version()
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and not 1 <= op.version <= newest:
-            raise GconvError(f"{label}: unsupported opset {op.version} (this onnx {onnx.__version__} knows 1..{newest})")
+            raise GconvError(f"{label}: unsupported opset {op.version} "
+                             f"(this onnx {onnx.__version__} knows 1..{newest})")
 
 
 def save(model: ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
@@ -359,15 +359,15 @@ def _write_file(path: str, data: bytes) -> None:
 
 def _copy_fields(src, dst, skip: str) -> None:
     """Copy every set field of `src` to `dst` except `skip` (ListFields reads no weight it skips)."""
-    for field, value in src.ListFields():
-        if field.name == skip:
+    for descriptor, value in src.ListFields():
+        if descriptor.name == skip:
             continue
         if hasattr(value, "ListFields"):  # a message
-            getattr(dst, field.name).CopyFrom(value)
+            getattr(dst, descriptor.name).CopyFrom(value)
         elif isinstance(value, (str, bytes, int, float, bool)):
-            setattr(dst, field.name, value)
+            setattr(dst, descriptor.name, value)
         else:  # a repeated field
-            getattr(dst, field.name).extend(value)
+            getattr(dst, descriptor.name).extend(value)
 
 
 def _write_with_external_data(model: ModelProto, model_path: str, data_path: str, location: str,
@@ -400,7 +400,7 @@ def _write_with_external_data(model: ModelProto, model_path: str, data_path: str
         os.fsync(data.fileno())
     try:
         serialized = header.SerializeToString()
-    except Exception as exc:  # protobuf's 2 GB limit, even with the weights moved out
+    except Exception as exc:  # noqa: BLE001 - protobuf's 2 GB limit, even with the weights moved out
         raise GconvError(f"the model's graph alone exceeds protobuf's 2 GB limit ({_first_line(exc)})") from None
     _write_file(model_path, serialized)
 

@@ -39,6 +39,7 @@ class Decision:
     form: str | None = None  # the form afterwards: native | dw | split | dense, or "depthwise" for a wrong
     #                          emulation fused into the plain depthwise Conv it equals (None: skipped)
     prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
+    code: str = ""  # skipped: the reason's stable short code (analysis.SKIP_CODES, docs/reports.md)
 
     TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<9} {'ms before -> after':>24}"
 
@@ -62,7 +63,7 @@ class Decision:
         if self.action in ("expanded", "fused", "converted"):
             text += f" ({self.nodes_removed} -> {self.nodes_added} nodes)"
         if self.reason:
-            text += f" - {self.reason}"
+            text += f" - {self.reason}" + (f" [{self.code}]" if self.code else "")
         return text
 
 
@@ -144,7 +145,7 @@ class RewriteResult:
 
     def to_dict(self) -> dict:
         """The report as plain data (wording.REWRITE_REPORT): what --report and --json write."""
-        from . import __version__
+        from . import __version__  # noqa: PLC0415 - at module level it would be an import cycle with __init__
         counts = {a: self.count(a) for a in ("fused", "expanded", "converted", "kept", "skipped", "reverted")}
         predicted = self.predicted_ms()
         weights = self.weight_bytes()

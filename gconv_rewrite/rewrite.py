@@ -16,6 +16,7 @@ from .report import Decision
 from .surgery import Edit, apply_form
 from .tune_cache import cached_planner
 
+
 def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form | None = None,
                   value_infos: dict | None = None, planner: Planner | None = None,
                   plan_shapes: dict | None = None) -> list[Decision]:
@@ -47,7 +48,7 @@ def rewrite_model(model: ModelProto, direction: Direction = "auto", form: Form |
                 decisions.append(Decision(node_label(node), "grouped_conv", "skipped", "Conv inside a function",
                                           "model-local functions are not rewritten "
                                           "(no shapes or constant weights of their own)",
-                                          graph=f"function {fn.name}"))
+                                          graph=f"function {fn.name}", code="in_function"))
     return decisions
 
 

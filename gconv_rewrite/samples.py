@@ -686,7 +686,8 @@ def swap_input_channels(model, conv_index=0, group=0, i=0, j=1):
     """A deliberately wrong copy of `model`: input channels i, j swapped inside one group of one grouped Conv."""
     mutated = onnx.ModelProto()
     mutated.CopyFrom(model)
-    convs = [n for n in mutated.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    convs = [n for n in mutated.graph.node
+             if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     inits = {t.name: t for t in mutated.graph.initializer}
     tensor = inits[convs[conv_index].input[1]]
     w = onnx.numpy_helper.to_array(tensor).copy()

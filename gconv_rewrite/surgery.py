@@ -47,8 +47,9 @@ class Edit:
         gone_keys = self.replace.keys() | self.remove
         for key in gone_keys:  # shape readers of removed tensors go too (analysis checked they feed only these)
             for out in ix.outputs_of(key):
-                seeds.extend(o for c in ix.consumers.get(out, ()) if c.op_type in SHAPE_ONLY_OPS
-                             and id(c) not in gone_keys for o in c.output)
+                readers = [c for c in ix.consumers.get(out, ())
+                           if c.op_type in SHAPE_ONLY_OPS and id(c) not in gone_keys]
+                seeds.extend(_downstream_outputs(ix, readers, gone_keys))
         dead = _Liveness(ix, gone_keys, new_nodes, {t.name for t in self.initializers})
         dead.collect(seeds)
         graph.ClearField("node")
@@ -71,6 +72,21 @@ class Edit:
             keep_vi = [vi for vi in graph.value_info if vi.name not in gone]
             graph.ClearField("value_info")
             graph.value_info.extend(keep_vi)
+
+
+def _downstream_outputs(ix: GraphIndex, starts: list[NodeProto], gone: set[int]) -> list[str]:
+    """Outputs of `starts` and of the nodes reading them (not `gone`), parents first: seeded in this
+    order, liveness pops the leaves first, so a dead Shape -> Slice chain goes as a whole."""
+    order, seen, queue = [], set(), list(starts)
+    while queue and len(order) < 4096:
+        node = queue.pop(0)
+        if id(node) in seen or id(node) in gone:
+            continue
+        seen.add(id(node))
+        outs = [o for o in node.output if o]
+        order.extend(outs)
+        queue.extend(c for o in outs for c in ix.consumers.get(o, ()))
+    return order
 
 
 def _reads(node: NodeProto) -> list[str]:

@@ -25,10 +25,12 @@ def cache_path() -> str:
     return os.path.join(base, "gconv-rewrite", "tune.json")
 
 
-def target_key(provider: runtime.ProviderChoice | str) -> str:
-    """What a measurement depends on besides the geometry: device, provider, onnxruntime version."""
+def target_key(provider: runtime.ProviderChoice | str, device: str | None = None) -> str:
+    """What a measurement depends on besides the geometry: device (this machine's unless named),
+    provider, onnxruntime version, and on CUDA the session settings."""
     name = provider if isinstance(provider, str) else provider.name
-    return f"{runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
+    key = f"{device or runtime.device_name(name)} | {name} | onnxruntime {runtime.ort_version()}"
+    return key + f" | {runtime.settings_text('timing')}" if name == "cuda" else key
 
 
 def _well_formed(targets) -> bool:
@@ -115,9 +117,15 @@ class TuneCache:
             raise GconvError(f"cannot write the tune cache {self.path} ({exc.strerror or exc})") from None
 
 
-def cached_planner(provider: str, path: str | None = None, profile: Profile | None = None) -> Planner:
-    """The planner of `provider` with the times measured on this target in the cache at `path`."""
+def cached_planner(provider: str, path: str | None = None, profile: Profile | None = None,
+                   device: str | None = None) -> Planner:
+    """The planner of `provider` with the times measured on its target in the cache at `path`.
+
+    device: for CUDA, the GPU model to plan for (`--device`); the planner settles which device it plans
+    for (this machine's, or a shipped profile's), and the measurements are those of that target."""
     store = TuneCache(path)
     # A damaged cache must not silently turn measured picks into predicted ones.
     warning = f"tune cache {store.path} ignored: it is {store.problem}" if store.problem else ""
-    return Planner(provider, store.times(target_key(provider)), profile, warning)
+    planner = Planner(provider, None, profile, warning, device=device)
+    planner.measured = store.times(target_key(provider, planner.device))
+    return planner

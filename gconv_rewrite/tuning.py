@@ -57,7 +57,7 @@ def measure(probe: Probe, choice: runtime.ProviderChoice, forms=FORMS, rounds: i
         if form == "dw" and probe.intermediate_bytes() > max_intermediate_bytes:
             result.notes[form] = f"intermediate of {probe.intermediate_bytes() / 2**20:.0f} MiB not built"
             continue
-        sess = runtime.session(models[form], choice, label=f"the {form} probe")
+        sess = runtime.session(models[form], choice, purpose="timing", label=f"the {form} probe")
         run = runtime.Runner(sess, feed, choice)
         run()  # plans, allocations
         start = time.perf_counter()

@@ -11,13 +11,13 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_cost import probe, synthetic_rows
 
 import gconv_rewrite as gr
 from gconv_rewrite import basis, calibration, cost, cost_fit, geometry, runtime
 from gconv_rewrite.cli import main
 
-from conftest import MODELS, ROOT
-from test_cost import probe, synthetic_rows
+from helpers import MODELS, ROOT
 
 ZEN3 = "AMD EPYC (family 25 model 1) AVX2, 2 threads"
 ZEN5 = "AMD EPYC (family 26 model 2) AVX-512, 2 threads"

@@ -2,13 +2,12 @@
 integer-coded data, equals onnxruntime's output on that data."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gconv_rewrite.channelmap import NotAChannelMove, Traced, classify_output, propagate, source
 
-from conftest import run_ort
+from helpers import run_ort
 
 SHAPE = (2, 6, 3, 4)
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from gconv_rewrite.cli import main
 
-from conftest import FIXTURES, MODELS, op_counts
+from helpers import FIXTURES, MODELS, op_counts
 
 SAMPLE = MODELS / "resnext_emulated_tf.onnx"
 
@@ -147,7 +147,7 @@ def test_verify_command_writes_versioned_json_and_names_a_differing_input(tmp_pa
     assert result.exit_code == 0 and data == json.loads(report.read_text())
     assert data["schema"] == "gconv-rewrite/verify-report" and data["version"] == 1 and data["passed"] is True
     quiet = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--provider", "cpu", "--no-latency", "-q")
-    assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 2 sample(s): FAIL")
+    assert quiet.exit_code == 1 and quiet.output.splitlines()[0].startswith("parity on cpu, 3 sample(s): FAIL")
     loud = invoke("verify", SAMPLE, MODELS / "resnext_wrong_emulation.onnx", "--rounds", "3", "--compare-all")
     assert loud.exit_code == 1 and max(map(len, loud.output.splitlines())) <= 80, loud.output
     assert len(quiet.output.splitlines()) == 1
@@ -443,7 +443,8 @@ def test_a_bug_is_an_internal_error_not_bad_input(tmp_path, monkeypatch):
 def test_debug_shows_the_traceback_of_an_internal_error(tmp_path, monkeypatch, how):
     from gconv_rewrite import api
     monkeypatch.setattr(api, "rewrite", _broken_rewrite)
-    monkeypatch.delenv("GCONV_REWRITE_DEBUG", raising=False)
+    monkeypatch.setenv("GCONV_REWRITE_DEBUG", "")  # recorded, so what --debug sets is undone after the test
+    monkeypatch.delenv("GCONV_REWRITE_DEBUG")
     args = [SAMPLE, "-o", tmp_path / "o.onnx"]
     if how == "env":
         monkeypatch.setenv("GCONV_REWRITE_DEBUG", "1")

@@ -16,7 +16,7 @@ from gconv_rewrite import cost, cost_fit, geometry, lowering, runtime, tune_cach
 from gconv_rewrite.rewrite import rewrite_model
 from gconv_rewrite.samples import grouped_conv_model
 
-from conftest import MODELS, max_rel_err, run_ort
+from helpers import MODELS, max_rel_err, run_ort
 
 
 def probe(cin=64, cout=64, g=16, size=28, k=3, s=1, n=1):
@@ -136,7 +136,8 @@ def test_auto_writes_the_predicted_winner_and_it_is_exact(winner):
     (d,) = rewrite_model(model, "auto", planner=planner)
     assert d.action == "converted" and d.form == winner and d.prediction.form == winner
     assert f"{winner} predicted" in d.reason
-    feed = {sample.model.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 32, 12, 12)).astype(np.float32)}
+    feed = {sample.model.graph.input[0].name:
+            np.random.default_rng(1).standard_normal((1, 32, 12, 12)).astype(np.float32)}
     name = sample.model.graph.output[0].name
     assert max_rel_err(run_ort(model, feed)[name], run_ort(sample.model, feed)[name]) < 3e-6
 
@@ -166,13 +167,15 @@ def test_tune_measures_caches_and_rewrite_uses_the_measurements(tmp_path):
     assert runtime.device_name("cpu") in target and runtime.ort_version() in target and "| cpu |" in target
     assert set(data["targets"][target]) == {e.probe for e in first.entries}
     again = gr.tune(path, "cpu", rounds=3, cache=cache)
-    assert all(e.cached for e in again.entries) and [e.times_ms for e in again.entries] == [e.times_ms for e in first.entries]
+    assert all(e.cached for e in again.entries)
+    assert [e.times_ms for e in again.entries] == [e.times_ms for e in first.entries]
     result = gr.rewrite(path, verify_result=False, provider="cpu", cache=cache)
     for d in result.decisions:
         entry = next(e for e in first.entries if d.node in e.nodes)
         assert d.prediction.basis == "measured" and d.prediction.measured_ms == entry.times_ms
         t = entry.times_ms
-        assert d.form == (entry.best if t["native"] > (1 + cost.load_profile("cpu").margin) * t[entry.best] else "native")
+        margin = cost.load_profile("cpu").margin
+        assert d.form == (entry.best if t["native"] > (1 + margin) * t[entry.best] else "native")
     report = gr.inspect(path, "cpu", cache=cache)
     assert all(f.prediction.basis == "measured" for f in report.findings)
 
@@ -209,9 +212,10 @@ def test_cli_tune_and_verbose_rewrite_through_the_console_script(tmp_path):
 
 def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path):
     """benchmarks/calibrate.py --fit-only on benchmarks/data gives the profile the package ships."""
-    from conftest import ROOT
+    from helpers import ROOT
     out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only", "--profile", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--fit-only",
+                           "--profile", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     refit = cost.Profile.from_dict(json.loads(out.read_text()))
@@ -226,13 +230,14 @@ def test_shipped_profile_is_reproducible_from_the_shipped_measurements(tmp_path)
 
 def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurements():
     """The held-out measurements of benchmarks/data, judged with the shipped profile (RESULTS.md)."""
-    from conftest import ROOT
+    from helpers import ROOT
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import cost_accuracy
     finally:
         sys.path.pop(0)
-    summary = cost_accuracy.evaluate(str(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv"), cost.load_profile("cpu"))
+    summary = cost_accuracy.evaluate(str(ROOT / "benchmarks" / "data" / "cost_accuracy_cpu.csv"),
+                                     cost.load_profile("cpu"))
     model = summary["cost model"]
     assert model["n"] == 136
     assert model["within_5pct"] >= 0.95 and model["geomean_slowdown"] <= 0.02
@@ -240,8 +245,9 @@ def test_cost_model_meets_its_accuracy_targets_on_the_recorded_held_out_measurem
 
 
 def test_tune_refuses_a_foreign_or_unwritable_cache_before_measuring(tmp_path):
-    from gconv_rewrite.cli import main
     from click.testing import CliRunner
+
+    from gconv_rewrite.cli import main
     model = str(MODELS / "resnext_native.onnx")
     foreign = tmp_path / "report.json"
     foreign.write_text('{"schema": "something else"}')

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import onnx
-
-from conftest import FIXTURES, ROOT, max_rel_err, op_counts, run_ort
 from test_exporter_fixtures import load_fixture
+
+from helpers import FIXTURES, ROOT, max_rel_err, op_counts, run_ort
 
 
 def example(name):

@@ -8,7 +8,7 @@ import pytest
 
 import gconv_rewrite as gr
 
-from conftest import FIXTURES, max_rel_err, op_counts, run_ort
+from helpers import FIXTURES, max_rel_err, op_counts, run_ort
 
 # fixture -> (what the fused region computes, substring of the decision's text)
 EMULATIONS = {
@@ -20,13 +20,14 @@ EMULATIONS = {
     "keras215_block3_dynamic": "grouped Conv G=8 (Cig=4, Cog=4)",
     "keras_block3_frozen_1x1": "grouped Conv G=8 (Cig=4, Cog=4)",
     "tf_interleaved_cig_c": "grouped Conv G=4 (Cig=8, Cog=4) up to an input-channel permutation",
-    "tf_wrong_sum_multiplier": "depthwise Conv (Cout=32, multiplier 1) with kernels summed 4 at a time: NOT a grouped conv",
+    "tf_wrong_sum_multiplier": "depthwise Conv (Cout=32, multiplier 1) with kernels summed 4 at a time: "
+                               "NOT a grouped conv",
     "torch_dw_reshape_sum": "grouped Conv G=8 (Cig=4, Cog=8)",
     "torch_dw_reshape_sum_stride2": "grouped Conv G=4 (Cig=8, Cog=8)",
     "torch_dynamo_dw_reshape_sum": "grouped Conv G=8 (Cig=4, Cog=8)",
 }
-NATIVE = ["torch_native_grouped", "torch_native_grouped_stride2", "torch_native_grouped_shared_bias", "torch_conv1d_grouped",
-          "torch_conv3d_grouped", "torch_dynamo_native_grouped"]
+NATIVE = ["torch_native_grouped", "torch_native_grouped_stride2", "torch_native_grouped_shared_bias",
+          "torch_conv1d_grouped", "torch_conv3d_grouped", "torch_dynamo_native_grouped"]
 TOLERANCE = 2e-6  # relative to the output's magnitude; float32 reordering noise is ~1e-7 here
 
 

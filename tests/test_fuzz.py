@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from gconv_rewrite.cli import main
 
-from conftest import MODELS
-from fuzzing import check_case, mutated
+from fuzzing import GENERATORS, check_case, check_generated, mutated
+from helpers import MODELS
 
 SAMPLES = sorted(MODELS.glob("*.onnx"))
 BUDGET_S = 25
@@ -37,3 +37,21 @@ def test_fuzz_sample_models(tmp_path):
             pytest.fail(f"{name} of {sample.name} ({direction}): {exc}")
     print(dict(outcomes))
     assert sum(outcomes.values()) >= 20 and outcomes["refused"] > 0
+
+
+def test_fuzz_generated_symbolic_sizes_and_sibling_scopes(tmp_path):
+    """Valid generated models (size-dependent ops, If branches sharing names): a written model computes
+    the same as the original in onnxruntime at sizes the tool never probed, in both branches."""
+    rng = np.random.default_rng(20261201)
+    outcomes = Counter()
+    start = time.monotonic()
+    while time.monotonic() - start < 20:
+        generator = GENERATORS[int(rng.integers(len(GENERATORS)))]
+        model = generator(rng)
+        direction = ["auto", "fuse", "expand"][int(rng.integers(3))]
+        try:
+            outcomes[check_generated(invoke, model, rng, tmp_path, direction)] += 1
+        except AssertionError as exc:
+            pytest.fail(f"{generator.__name__} ({direction}): {exc}")
+    print(dict(outcomes))
+    assert sum(outcomes.values()) >= 10 and outcomes["ok"] > 0

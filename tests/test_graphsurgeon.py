@@ -7,7 +7,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import gconv_rewrite as gr
-from conftest import MODELS, max_rel_err, op_counts, run_ort
+
+from helpers import MODELS, max_rel_err, op_counts, run_ort
 
 SAMPLE = MODELS / "resnext_emulated_tf.onnx"
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import gconv_rewrite as gr
 from gconv_rewrite.cli import main
 
-from conftest import FIXTURES, MODELS
+from helpers import FIXTURES, MODELS
 
 
 def test_inspect_reports_native_emulated_and_wrong_emulations():

@@ -30,7 +30,8 @@ def emulation_map(group, cig, cog):
     return ChannelMap(terms, None, "NC")
 
 
-SHAPES = [(g, cig, cog, k) for g, cig, cog, k in itertools.product([2, 3, 4], [1, 2, 3], [1, 2, 3], [1, 3]) if cig > 1 or cog > 1]
+SHAPES = [(g, cig, cog, k) for g, cig, cog, k in itertools.product([2, 3, 4], [1, 2, 3], [1, 2, 3], [1, 3])
+          if cig > 1 or cog > 1]
 
 
 @pytest.mark.parametrize("group,cig,cog,k", SHAPES)

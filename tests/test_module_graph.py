@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gconv_rewrite"
 LAYERS = [
     {"errors", "wording"},                          # no imports from the package
     {"geometry", "graph", "samples"},               # the conv description; graph indexes; test-model builders
+    {"symbolic"},                                   # shape values over symbolic sizes; ONNX-exact constant evaluation
     {"model_io", "runtime", "channelmap"},          # load/save; onnxruntime sessions; index propagation
     {"lowering"},                                   # each form's weight algebra and nodes (analysis and probes use it)
     {"analysis"},                                   # analyse: candidates and skip reasons

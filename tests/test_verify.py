@@ -4,14 +4,13 @@ float32 reordering noise; a timing harness whose A-vs-A ratio is 1 within its ow
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import gconv_rewrite as gr
 from gconv_rewrite.errors import GconvError
 from gconv_rewrite.samples import resnext_block_model, resnext_model, swap_input_channels
-from gconv_rewrite.verify import RELATIVE_TOLERANCE, float32_twin, generate_inputs
+from gconv_rewrite.verify import WEAKEST_MUTATION_FLOAT32, float32_twin, generate_inputs, tolerance_for
 
-from conftest import MODELS, run_ort
+from helpers import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +22,17 @@ def resnext50_pair():
     return emulated, fused.model
 
 
-def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair):
+@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+def test_reordering_noise_passes_and_one_swapped_pair_fails(resnext50_pair, provider):
+    """With each provider's float32 limit (CUDA's applied to the CPU's numbers: no GPU here)."""
     emulated, fused = resnext50_pair
-    limit = RELATIVE_TOLERANCE["float32"]
-    ok = gr.verify(emulated, fused, "cpu", latency=False)
+    limit = tolerance_for("float32", provider)
+    assert limit < WEAKEST_MUTATION_FLOAT32 / 2  # the evidence's least visible wrong model must fail
+    ok = gr.verify(emulated, fused, "cpu", latency=False, tolerance=limit)
     assert ok.passed and ok.outputs[0].max_rel < limit / 5
     # The first, the least visible (benchmarks/parity_evidence.py) and the last grouped Conv.
     for conv_index in (0, 7, 15):
-        bad = gr.verify(emulated, swap_input_channels(fused, conv_index), "cpu", latency=False)
+        bad = gr.verify(emulated, swap_input_channels(fused, conv_index), "cpu", latency=False, tolerance=limit)
         assert not bad.passed and bad.outputs[0].max_rel > limit, bad.lines()
 
 
@@ -38,7 +40,8 @@ def test_compare_all_names_the_first_diverging_node(resnext50_pair):
     emulated, fused = resnext50_pair
     bad = gr.verify(emulated, swap_input_channels(fused, 3), "cpu", latency=False, compare_all=True)
     assert not bad.passed and bad.divergence is not None
-    conv = [n for n in fused.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)][3]
+    conv = [n for n in fused.graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)][3]
     assert bad.divergence.tensor == conv.output[0]
     assert (bad.divergence.rewritten_op_type, bad.divergence.rewritten_node) == ("Conv", conv.name)
     assert bad.divergence.op_type == "Transpose"  # the end of the emulation in the original
@@ -116,9 +119,8 @@ def test_different_outputs_are_refused():
 
 def test_auto_never_regresses(monkeypatch):
     """auto mode undoes a rewrite that the interleaved timing cannot show to be faster."""
-    from dataclasses import replace
-
     import sys
+    from dataclasses import replace
     verify_module = sys.modules["gconv_rewrite.verify"]  # the package's `verify` is the function
     real = verify_module.measure_latency
     model = onnx.load(MODELS / "resnext_emulated_nchw.onnx")
