@@ -1,6 +1,15 @@
-"""Fixtures only; the helpers tests share are in helpers.py."""
+"""Fixtures and settings only; the helpers tests share are in helpers.py."""
+
+import os
 
 import pytest
+from hypothesis import settings
+
+# CI decides whether a submission lands: there, property tests draw the same examples on every run (a fresh
+# counterexample must not turn a landing red by chance); on developers' machines they explore new ones each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
