@@ -8,6 +8,9 @@ Pure computation on stored measurements (no timing). Machines and data:
   cpu_calibration.csv (540 grid geometries) and cost_accuracy_cpu.csv (136 held-out real layers);
 - Zen 5 (AMD EPYC family 26 model 2, AVX-512, 2 threads, onnxruntime 1.32.0): benchmarks/data/
   cpu_calibration_zen5.csv (910 grid geometries, converted from ../shared/calib by convert_sweep.py);
+- Zen 4 (AMD EPYC family 25 model 17, AVX-512, 2 threads, onnxruntime 1.31.1): benchmarks/data/
+  cpu_calibration_zen4.csv (159 geometries measured by `gconv-rewrite calibrate` in 3 min, the one
+  held-out geometry of its grid dropped) and cost_accuracy_zen4.csv (the 136 held-out layers);
 - --extra: more measurements in the calibration or cost_accuracy CSV format (e.g. this machine's
   held-out measurements, written by cost_accuracy.py), judged by both profiles.
 
@@ -85,11 +88,14 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=CSV")
     args = parser.parse_args()
     fits = {"Zen 3 profile": os.path.join(DATA, "cpu_calibration.csv"),
-            "Zen 5 profile": os.path.join(DATA, "cpu_calibration_zen5.csv")}
+            "Zen 5 profile": os.path.join(DATA, "cpu_calibration_zen5.csv"),
+            "Zen 4 profile": os.path.join(DATA, "cpu_calibration_zen4.csv")}
     profiles = {name: calibration.fit_csv(path, "cpu") for name, path in fits.items()}
     judged = {"Zen 3 held-out layers": (os.path.join(DATA, "cost_accuracy_cpu.csv"), "Zen 3 profile"),
               "Zen 3 grid": (fits["Zen 3 profile"], "Zen 3 profile"),
-              "Zen 5 grid": (fits["Zen 5 profile"], "Zen 5 profile")}
+              "Zen 5 grid": (fits["Zen 5 profile"], "Zen 5 profile"),
+              "Zen 4 grid": (fits["Zen 4 profile"], "Zen 4 profile"),
+              "Zen 4 held-out layers": (os.path.join(DATA, "cost_accuracy_zen4.csv"), "Zen 4 profile")}
     for extra in args.extra:
         name, _, path = extra.partition("=")
         judged[name] = (path, None)
