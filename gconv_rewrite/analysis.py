@@ -8,7 +8,6 @@ is the one to fuse. Near-misses become `Skip`s with the precise reason.
 
 from __future__ import annotations
 
-import heapq
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,24 +16,21 @@ from math import prod
 import numpy as np
 from onnx import NodeProto
 
+from . import composites
 from .channelmap import (
-    JOINING_OPS,
-    OPS,
-    SHAPE_OPS,
     SUMMING_OPS,
     TRACEABLE_OPS,
     ChannelMap,
     NotAChannelMove,
-    ShapeEval,
     SizeDependent,
-    Traced,
     classify_output,
-    propagate,
     source,
 )
+from .composites import Composite
 from .geometry import ConvSpec, spec_from_conv
-from .graph import SHAPE_ONLY_OPS, GraphIndex, ShapeTable, attr
+from .graph import GraphIndex, ShapeTable, attr
 from .lowering import Grouping, NotFusable, solve_grouping
+from .tracing import TraceSizes, conv_output_sizes, grow_region, propagate_to, valid_cuts
 
 _NOT_REWRITTEN = {
     "QLinearConv": "quantized convs are not rewritten",
@@ -45,10 +41,9 @@ _NOT_REWRITTEN = {
 SKIP_CODES = frozenset({
     "size_dependent", "not_a_channel_move", "not_a_channel_map", "not_a_single_conv", "nothing_summed",
     "no_single_exit", "too_large", "weight_not_constant", "bias_not_constant", "weight_dtype", "quantized",
-    "transposed", "inconsistent", "no_such_form", "opset_too_old", "in_function", "other"})
+    "transposed", "inconsistent", "no_such_form", "opset_too_old", "in_function", "unequal_convs",
+    "not_channel_slices", "other"})
 _MAX_TRACE_ELEMENTS = 1 << 27
-_BATCH_PROBE = 2
-_SPATIAL_PROBES = (5, 7, 11, 13, 17, 19, 23, 29)
 
 
 @dataclass
@@ -82,7 +77,7 @@ class Skip:
     """A node that looked like a candidate but is left alone, and why."""
 
     node: NodeProto
-    kind: str  # "grouped_conv" | "emulation"
+    kind: str  # "grouped_conv" | "emulation" | "split" | "dense"
     reason: str
     spec: ConvSpec | None = None
     scope: tuple = ()
@@ -93,7 +88,10 @@ class Skip:
             raise ValueError(f"undocumented skip code {self.code!r}")
 
 
-Candidate = NativeGrouped | Emulation | Skip
+Candidate = NativeGrouped | Emulation | Composite | Skip
+# What a skipped candidate looked like, per kind.
+SKIPPED_WHAT = {"grouped_conv": "grouped Conv", "emulation": "depthwise Conv followed by channel ops",
+                "split": "Convs on channel slices joined by a Concat", "dense": "Conv with block-diagonal weights"}
 
 
 def planning_spec(cand: Candidate, shapes: ShapeTable | None) -> ConvSpec | None:
@@ -103,13 +101,10 @@ def planning_spec(cand: Candidate, shapes: ShapeTable | None) -> ConvSpec | None
     spec = cand.spec
     if spec is None or shapes is None or spec.output_spatial_size() is not None:
         return spec
-    x = (cand.node if isinstance(cand, (NativeGrouped, Skip)) else cand.dw).input[0]
-    shape = shapes.get(x, cand.scope)
+    shape = shapes.get(anchor(cand).input[0], cand.scope)
+    if shape is not None and len(shape) > 1:  # a split form's Conv reads a slice: the whole has spec.c_in
+        shape = (shape[0], spec.c_in) + tuple(shape[2:])
     return spec.at_input(shape) if shape is not None else spec
-
-
-def node_label(node: NodeProto) -> str:
-    return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
 
 
 def analyse(ix: GraphIndex) -> list[Candidate]:
@@ -161,10 +156,37 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
         else:
             traced = {id(n): _guarded(_emulation, ix, n, "emulation") for n in pending}
         found = [traced[id(c)] if isinstance(c, NodeProto) else c for c in found]
-    found = [c for c in found if c is not None]
+    found = _with_composites(ix, [c for c in found if c is not None])
     for c in found:
         c.scope = ix.scope
     return found
+
+
+def anchor(cand: Candidate) -> NodeProto:
+    """The node a candidate is named after: its Conv (an emulation's depthwise Conv)."""
+    return cand.dw if isinstance(cand, Emulation) else cand.node
+
+
+def _with_composites(ix: GraphIndex, found: list[Candidate]) -> list[Candidate]:
+    """Add the composites (split forms, block-diagonal and mixed Convs); a composite replaces the
+    native grouped Conv or the emulation near-miss it contains."""
+    taken, mixable = set(), set()
+    for c in found:
+        if isinstance(c, Emulation):
+            taken.update([id(c.dw)] + [id(n) for n in c.nodes])
+        elif isinstance(c, Skip) and c.kind == "emulation":
+            mixable.add(id(c.node))
+    more: list[Candidate] = []
+    for c in composites.find(ix, taken, mixable):
+        if isinstance(c, composites.NearMiss):
+            more.append(Skip(c.node, c.kind, c.reason, c.spec, code=c.code))
+        else:
+            more.append(c)
+    if not more:
+        return found
+    covered = {id(n) for c in more if isinstance(c, Composite) for n in c.nodes}
+    kept = [c for c in found if isinstance(c, Emulation) or id(c.node) not in covered]
+    return sorted(kept + more, key=lambda c: ix.pos(anchor(c)))
 
 
 def _guarded(fn, ix: GraphIndex, node: NodeProto, kind: str) -> Candidate | None:
@@ -213,15 +235,15 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
         return Skip(dw, "emulation", f"depthwise {problem}", code=code)
     c_in = attr(dw, "group", 1)
     multiplier = weight.shape[0] // c_in
-    region, boundary, refused = _grow_region(ix, y0)
+    region, boundary, refused = grow_region(ix, [y0])
     if not SUMMING_OPS & ({n.op_type for n in region} | refused):
         return None  # a plain depthwise Conv followed by, say, a Flatten: nothing emulated here
     if not region:
         return Skip(dw, "emulation", boundary, code="not_a_channel_move")
-    probe = _probe(ix, dw, weight.shape)
+    probe = conv_output_sizes(ix, dw, weight.shape)
     if prod(probe.shape) > _MAX_TRACE_ELEMENTS:
         return Skip(dw, "emulation", f"depthwise output {list(probe.shape)} is too large to trace", code="too_large")
-    cuts, cut_reason = _valid_cuts(ix, y0, region)
+    cuts, cut_reason = valid_cuts(ix, [y0], region)
     if not cuts:
         return Skip(dw, "emulation", cut_reason or boundary or "no single exit tensor", code="no_single_exit")
     try:
@@ -238,204 +260,7 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     return Emulation(dw, spec, nodes, output, cmap, grouping, weight, dw_bias)
 
 
-def _grow_region(ix: GraphIndex, y0: str) -> tuple[list[NodeProto], str, set[str]]:
-    """Nodes reachable from y0 through traceable ops whose other inputs are constant or shape-computed;
-    the first reason a traceable op was refused; the op types refused."""
-    traced = {y0}
-    refused: set[str] = set()
-    region: list[NodeProto] = []
-    seen: set[int] = set()
-    heap: list = []
-    boundary = ""
-    shape_computable: dict[str, bool] = {}
-
-    def push(name):
-        for n in ix.data_consumers(name):
-            if id(n) not in seen:
-                seen.add(id(n))
-                heapq.heappush(heap, (ix.pos(n), id(n), n))
-
-    push(y0)
-    while heap:
-        _, _, node = heapq.heappop(heap)
-        why = _region_refusal(ix, node, traced, shape_computable)
-        if why is not None:
-            boundary = boundary or why
-            if why:
-                refused.add(node.op_type)
-            continue
-        region.append(node)
-        for out in node.output:
-            if out:
-                traced.add(out)
-                push(out)
-    return region, boundary, refused
-
-
-def _region_refusal(ix: GraphIndex, node: NodeProto, traced: set[str], memo: dict) -> str | None:
-    """None when `node` joins the region, else why not ("" for an ordinary op that ends it)."""
-    if node.op_type not in TRACEABLE_OPS or node.domain not in ("", "ai.onnx"):
-        return ""
-    ins = [n for n in node.input]
-    is_traced = [bool(n) and n in traced for n in ins]
-    if node.op_type in JOINING_OPS:
-        others_ok = all(t or not n or _shape_computable(ix, n, memo) for n, t in zip(ins, is_traced))
-        return None if others_ok else f"{node.op_type} {node_label(node)} mixes in a non-constant tensor"
-    if not is_traced[0] or any(is_traced[1:]):
-        return f"{node.op_type} {node_label(node)} uses the traced tensor as a parameter"
-    if not all(not n or _shape_computable(ix, n, memo) for n in ins[1:]):
-        return f"{node.op_type} {node_label(node)} has non-constant parameters"
-    admit = OPS[node.op_type].admit
-    why = admit(node, ix.constant) if admit is not None else None
-    return None if why is None else f"{node.op_type} {node_label(node)}: {why}"
-
-
-def _shape_computable(ix: GraphIndex, name: str, memo: dict, depth: int = 0) -> bool:
-    """True when `name` depends only on constants and on tensor shapes."""
-    if name in memo:
-        return memo[name]
-    ok = ix.is_constant(name)
-    if not ok and depth < 48:
-        node = ix.producer.get(name)
-        if node is not None and node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx"):
-            ok = node.op_type in SHAPE_ONLY_OPS or all(
-                not n or _shape_computable(ix, n, memo, depth + 1) for n in node.input)
-    memo[name] = ok
-    return ok
-
-
-@dataclass
-class _Probe:
-    """Sizes to trace at, and what they stand for: each depthwise-output axis as factors (symbol
-    names for symbolic sizes), the symbols' probe values, and dim_params that name the same size."""
-
-    shape: tuple[int, ...]
-    axes: tuple
-    env: dict
-    aliases: dict
-
-
-def _probe(ix: GraphIndex, dw: NodeProto, wdims) -> _Probe:
-    """Static dims as they are; a symbolic dim becomes a symbol with a probe value (batch 2, small
-    primes). A spatial size the Conv keeps (stride 1, padding that adds up to the kernel's reach) is
-    the input's own symbol, so that shapes read from the Conv's input (PyTorch's `x.shape`) relate to it."""
-    rank = len(wdims)
-    shape = ix.shape(dw.output[0])
-    if shape is None or len(shape) != rank:
-        shape = (None, int(wdims[0])) + (None,) * (rank - 2)
-    x_shape = ix.shape(dw.input[0])
-    x_shape = x_shape if x_shape is not None and len(x_shape) == rank else (None,) * rank
-    env: dict = {}
-    aliases: dict = {}
-    dims, axes = [], []
-    probes = iter(_SPATIAL_PROBES)
-    for axis, d in enumerate(shape):
-        if axis == 1:
-            d = int(wdims[0])
-        if isinstance(d, int) and d > 0:
-            dims.append(d)
-            axes.append((d,) if d != 1 else ())
-            continue
-        name = _symbol_of(dw, axis, d, x_shape[axis], wdims)
-        if isinstance(d, str) and d and d != name:
-            aliases[d] = name
-        if name not in env:
-            env[name] = _BATCH_PROBE if axis == 0 else next(probes, 31 + axis)
-        dims.append(env[name])
-        axes.append((name,))
-    return _Probe(tuple(dims), tuple(axes), env, aliases)
-
-
-def _symbol_of(dw: NodeProto, axis: int, d, x_dim, wdims) -> str:
-    """The symbol for a symbolic output dim: the input's own where the Conv keeps that size."""
-    keeps = axis == 0
-    if axis >= 2 and isinstance(x_dim, str) and x_dim:
-        k, rank = axis - 2, len(wdims)
-        strides = attr(dw, "strides", [1] * (rank - 2))
-        dilations = attr(dw, "dilations", [1] * (rank - 2))
-        pads = attr(dw, "pads", [0] * (2 * (rank - 2)))
-        kernel = list(wdims[2:])
-        auto_pad = attr(dw, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if strides[k] == 1:
-            reach = dilations[k] * (kernel[k] - 1)
-            keeps = auto_pad in ("SAME_UPPER", "SAME_LOWER") or (
-                auto_pad == "NOTSET" and pads[k] + pads[k + rank - 2] == reach)
-    if keeps and isinstance(x_dim, str) and x_dim:
-        return x_dim
-    return d if isinstance(d, str) and d else f"{dw.output[0]}:dim{axis}"
-
-
-def _valid_cuts(ix: GraphIndex, y0: str, region: list[NodeProto]) -> tuple[list[tuple[int, str]], str]:
-    """(i, exit) such that region[:i+1] can be replaced as a whole by something producing the one tensor
-    `exit` (an output of region[i]; a multi-output op's other outputs are read by nothing that stays)."""
-    in_region = {id(n) for n in region}
-    last_use: dict[str, int] = {}
-    exits: dict[str, str] = {}
-
-    def note(name: str):
-        uses = [ix.pos(n) for n in ix.consumers.get(name, ()) if id(n) in in_region]
-        last_use[name] = max(uses) if uses else -1
-        outside = [n for n in ix.data_consumers(name) if id(n) not in in_region]
-        if outside:
-            exits[name] = f"feeds {outside[0].op_type} {node_label(outside[0])}, which needs the unfused tensor"
-        elif ix.is_output(name):
-            exits[name] = "is a graph output"
-
-    note(y0)
-    open_: set[str] = {y0}
-    cuts: list[tuple[int, str]] = []
-    reason = ""
-    for i, node in enumerate(region):
-        here = ix.pos(node)
-        for out in node.output:
-            if out:
-                note(out)
-                open_.add(out)
-        open_ = {t for t in open_ if t in exits or last_use[t] > here}
-        outs = [o for o in node.output if o in open_]
-        if len(open_) == 1 and len(outs) == 1:
-            shape_why = _shape_users_removable(ix, region[:i + 1], y0, outs[0])
-            if shape_why:
-                reason = shape_why
-            else:
-                cuts.append((i, outs[0]))
-        elif y0 in exits and not reason:
-            reason = f"depthwise output {exits[y0]}"
-    if not cuts and not reason:
-        produced = [y0] + [o for n in region for o in n.output]
-        stuck = [t for t in produced if t in open_ and t in exits]
-        if stuck:
-            reason = f"intermediate tensor '{stuck[0]}' {exits[stuck[0]]}"
-    return cuts, reason
-
-
-def _shape_users_removable(ix: GraphIndex, prefix: list[NodeProto], y0: str, keep: str) -> str:
-    """Shape/Size consumers of removed tensors must only feed the removed nodes' parameters."""
-    removed = {id(n) for n in prefix}
-    names = [y0] + [o for n in prefix for o in n.output if o and o != keep]
-    for name in names:
-        for user in ix.consumers.get(name, ()):
-            if user.op_type in SHAPE_ONLY_OPS and not _only_feeds(ix, user, removed, 0):
-                return f"the shape of '{name}' is used outside the emulation"
-    return ""
-
-
-def _only_feeds(ix: GraphIndex, node: NodeProto, removed: set[int], depth: int) -> bool:
-    if depth > 48:
-        return False
-    for out in node.output:
-        if ix.is_output(out):
-            return False
-        for user in ix.consumers.get(out, ()):
-            if id(user) in removed:
-                continue
-            if user.op_type not in SHAPE_OPS or not _only_feeds(ix, user, removed, depth + 1):
-                return False
-    return True
-
-
-def _trace(ix: GraphIndex, y0: str, probe: _Probe, region, cuts, multiplier: int
+def _trace(ix: GraphIndex, y0: str, probe: TraceSizes, region, cuts, multiplier: int
            ) -> tuple[int, str, ChannelMap, Grouping]:
     """The deepest cut whose traced content is a single Conv's channel map that sums something, else
     raises the first (deepest) reason, with its code.
@@ -446,7 +271,7 @@ def _trace(ix: GraphIndex, y0: str, probe: _Probe, region, cuts, multiplier: int
     first: NotAChannelMove | None = None
     for cut, out in reversed(cuts):
         try:
-            traced = _propagate_to(ix, y0, probe, region[:cut + 1], out)
+            traced = propagate_to(ix, {y0: source(probe.shape, probe.axes)}, probe, region[:cut + 1], out)
             try:
                 cmap = classify_output(traced, probe.shape, probe.axes)
             except SizeDependent:
@@ -473,43 +298,3 @@ def _is_identity(cmap: ChannelMap, channels: int) -> bool:
             and np.array_equal(terms[:, 0], np.arange(channels)))
 
 
-def _propagate_to(ix: GraphIndex, y0: str, probe: _Probe, prefix: list[NodeProto], exit_name: str) -> Traced:
-    """Trace y0 through `prefix`, freeing each index array after its last use; returns `exit_name`'s trace."""
-    last_use = {}
-    for i, node in enumerate(prefix):
-        for name in node.input:
-            last_use[name] = i
-    traced: dict[str, Traced] = {y0: source(probe.shape, probe.axes)}
-    axes = {y0: probe.axes}
-    ev = ShapeEval(ix, axes, probe.aliases)
-    out = None
-    for i, node in enumerate(prefix):
-        ins = [traced.get(n) if n else None for n in node.input]
-        try:
-            values = [_parameter(ix, ev, n) if (t is None and n) else None for n, t in zip(node.input, ins)]
-            outs = propagate(node, ins, values, ix.opset, probe.env)
-        except NotAChannelMove as exc:
-            raise type(exc)(f"{node.op_type} {node_label(node)}: {exc}", code=exc.code) from None
-        del ins
-        for name in set(node.input):
-            if last_use.get(name) == i:
-                traced.pop(name, None)
-        for name, t in zip(node.output, outs):
-            if name:
-                axes[name] = t.axes
-                if last_use.get(name, -1) > i:
-                    traced[name] = t
-        out = outs[list(node.output).index(exit_name)] if i == len(prefix) - 1 else None
-    return out
-
-
-def _parameter(ix: GraphIndex, ev: ShapeEval, name: str):
-    """A non-traced input's value: a stored constant at any size (a frozen 0/1 1x1 kernel of a wide
-    stage has millions of entries; ShapeEval's size cap is for what it must compute), else computed
-    from shapes; SizeDependent where that value depends on the input's size in a way not provable."""
-    if ix.is_constant(name):
-        return ix.constant(name)
-    value = ev.value(name)
-    if value is None and ev.why.get(name):
-        raise SizeDependent(f"'{name}' {ev.why[name]}")
-    return value

@@ -147,7 +147,7 @@ def _never_regress(result: RewriteResult, original) -> None:
     for d in result.decisions:
         if d.action in ("fused", "expanded", "converted"):
             d.action, d.reason = "reverted", f"the rewritten model was {why} ({latency.verdict_text()})"
-            d.form = "native" if d.kind == "grouped_conv" else "dw"
+            d.form = d.was
             d.nodes_removed = d.nodes_added = 0
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .analysis import Candidate, NativeGrouped, Skip, node_label, planning_spec
+from .analysis import SKIPPED_WHAT, Candidate, Composite, NativeGrouped, Skip, anchor, planning_spec
 from .cost import Planner
 from .geometry import FORMS, Form
 from .graph import ShapeTable
 from .report import Decision
+from .tracing import node_label
 
 Direction = Literal["auto", "expand", "fuse"]
 DIRECTIONS = ("auto", "expand", "fuse")
@@ -42,20 +43,24 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
     direction, form, planner, resolved = intent.direction, intent.form, intent.planner, intent.resolved
     spec = planning_spec(cand, resolved)
     if isinstance(cand, Skip):
-        return Decision(node_label(cand.node), cand.kind, "skipped",
-                        "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops",
-                        cand.reason, spec, code=cand.code), None
-    native = isinstance(cand, NativeGrouped)
-    label = node_label(cand.node if native else cand.dw)
-    kind = "grouped_conv" if native else "emulation"
-    computes = f"grouped Conv {cand.spec.describe()}" if native else f"emulation of a {cand.grouping.describe()}"
-    current = "native" if native else "dw"
-    depthwise = not native and cand.grouping.is_depthwise
+        return Decision(node_label(cand.node), cand.kind, "skipped", SKIPPED_WHAT[cand.kind], cand.reason, spec,
+                        code=cand.code), None
+    comp = isinstance(cand, Composite)
+    label = node_label(anchor(cand))
+    if isinstance(cand, NativeGrouped):
+        kind, current, computes = "grouped_conv", "native", f"grouped Conv {cand.spec.describe()}"
+    elif comp:
+        kind, current, computes = cand.kind, cand.was, f"{cand.found_as}: a {cand.grouping.describe()}"
+    else:
+        kind, current, computes = "emulation", "dw", f"emulation of a {cand.grouping.describe()}"
+    native = current == "native"
+    as_written = not comp or cand.as_written  # a composite in its form may still differ from how it is written
+    depthwise = not isinstance(cand, NativeGrouped) and cand.grouping.is_depthwise
     available = ("native",) if depthwise else tuple(f for f in FORMS if f != "dw" or opset >= 5)
     prediction = planner.plan(spec, available) if planner is not None and not depthwise else None
 
     def decision(action, reason, now):
-        return Decision(label, kind, action, computes, reason, spec, form=now, prediction=prediction)
+        return Decision(label, kind, action, computes, reason, spec, form=now, prediction=prediction, was=current)
 
     if form is None:
         if direction == "expand" and not native:
@@ -64,7 +69,7 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
             return decision("kept", "direction=fuse keeps native grouped Convs", current), None
         if direction == "auto":
             form = prediction.form if prediction is not None else "native"
-            if form == current:
+            if form == current and as_written:
                 return decision("kept", prediction.why, current), None
         else:
             form = {"expand": "dw", "fuse": "native"}[direction]
@@ -72,14 +77,14 @@ def decide(cand: Candidate, intent: Intent, opset: int) -> tuple[Decision, str |
         skipped = decision("skipped", f"a depthwise Conv has no {form} form", current)
         skipped.code = "no_such_form"
         return skipped, None
-    if native and form == current:
+    if form == current and as_written and (native or comp):
         return decision("kept", f"already in the {form} form", current), None
     if form == "dw" and opset < 5:
         skipped = decision("skipped", f"opset {opset} < 5: Reshape takes no shape input, "
                                       "so the emulation cannot be written", current)
         skipped.code = "opset_too_old"
         return skipped, None
-    action = {"native": "fused" if not native else "kept",
+    action = {"native": "fused" if not isinstance(cand, NativeGrouped) else "kept",
               "dw": "expanded" if native else "converted"}.get(form, "converted")
     reason = "" if action == "fused" else f"to {_FORM_TEXT[form]}"
     if depthwise and cand.grouping.max_terms > 1:

@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import basis, model_io, runtime
-from .analysis import Emulation, NativeGrouped, Skip, analyse, node_label, planning_spec
+from .analysis import SKIPPED_WHAT, Composite, Emulation, NativeGrouped, Skip, analyse, planning_spec
 from .cost import Prediction
 from .geometry import FORMS, ConvSpec
 from .graph import GraphIndex, ShapeTable, default_opset, subgraphs
+from .tracing import node_label
 from .tune_cache import cached_planner
 from .wording import INSPECT_REPORT, schema, tail, warning_lines
 
@@ -22,15 +23,16 @@ class Finding:
 
     node: str
     graph: str
-    kind: str  # "grouped_conv" | "emulation"
-    status: str  # "native" | "emulated" | "skipped"
+    kind: str  # "grouped_conv" | "emulation" | "split" | "dense"
+    status: str  # "native" | "emulated" | "split" | "dense" | "skipped"
     computes: str
     reason: str = ""
     spec: ConvSpec | None = None
-    emulation_nodes: int = 0  # nodes of the emulation region (depthwise Conv included)
+    emulation_nodes: int = 0  # nodes of the emulation region (depthwise Conv included) or of a composite
     intermediate_mb_per_image: float | None = None  # the emulation's Cig-times-larger tensor
     prediction: Prediction | None = None  # each form's predicted (or tuned) time on the target
     code: str = ""  # skipped: the reason's stable short code (docs/reports.md)
+    found_as: str = ""  # a grouped conv written with other ops: how (e.g. "Split -> 8 Convs -> Concat")
 
     def line(self) -> str:
         """The finding for the terminal (several lines of at most ~80 columns)."""
@@ -42,7 +44,9 @@ class Finding:
             for said in (" " + geometry, f" G={s.group} (Cig={s.cig}, Cog={s.cog})"):
                 parts[0] = parts[0].replace(said, "")
             parts.append(self.spec.describe(shapes=True))
-        if self.status == "emulated":
+        if self.found_as:
+            parts[0] = f"{self.found_as}: a {parts[0]}"
+        elif self.status == "emulated":
             parts[0] = "equals a " + parts[0]
         elif parts[0] == "grouped Conv" and len(parts) > 1:
             parts.pop(0)  # a native grouped Conv: its geometry says it all
@@ -71,13 +75,14 @@ class InspectReport:
     warnings: list[str] = field(default_factory=list)  # e.g. an unreadable tune cache
 
     def count(self, status: str) -> int:
-        """Number of findings with `status` ("native", "emulated" or "skipped")."""
+        """Number of findings with `status` ("native", "emulated", "split", "dense" or "skipped")."""
         return sum(f.status == status for f in self.findings)
 
     def lines(self) -> list[str]:
         """The terminal report: every finding, then a summary."""
+        written = "".join(f", {self.count(s)} {s}" for s in ("split", "dense") if self.count(s))
         summary = [f"{len(self.findings)} candidate(s): {self.count('native')} native grouped, "
-                   f"{self.count('emulated')} emulated, {self.count('skipped')} skipped"]
+                   f"{self.count('emulated')} emulated{written}, {self.count('skipped')} skipped"]
         summary += warning_lines((f.computes for f in self.findings), self.warnings)
         return self.table() + [f.line() for f in self.findings] + summary + [
             textwrap.fill(f"cost model: {self.cost_model}", 80, subsequent_indent="  ")]
@@ -153,7 +158,7 @@ def inspect(model: model_io.ModelSource, provider: str = "auto", *, cache: str |
 
 def _finding(cand, path: str, spec: ConvSpec | None) -> Finding:
     if isinstance(cand, Skip):
-        what = "grouped Conv" if cand.kind == "grouped_conv" else "depthwise Conv followed by channel ops"
+        what = SKIPPED_WHAT[cand.kind]
         return Finding(node_label(cand.node), path, cand.kind, "skipped", what, cand.reason, spec, code=cand.code)
     mb = None
     elements = spec.emulation_intermediate_elements()
@@ -166,6 +171,11 @@ def _finding(cand, path: str, spec: ConvSpec | None) -> Finding:
     if isinstance(cand, NativeGrouped):
         return Finding(node_label(cand.node), path, "grouped_conv", "native", f"grouped Conv {spec.describe()}",
                        spec=spec, intermediate_mb_per_image=mb)
+    if isinstance(cand, Composite):
+        status = {"dw": "emulated", "native": "native"}.get(cand.was, cand.was)
+        return Finding(node_label(cand.anchor), path, cand.kind, status,
+                       cand.grouping.describe(), spec=spec, emulation_nodes=len(cand.nodes),
+                       intermediate_mb_per_image=mb, found_as=cand.found_as)
     assert isinstance(cand, Emulation)
     return Finding(node_label(cand.dw), path, "emulation", "emulated", cand.grouping.describe(), spec=spec,
                    emulation_nodes=len(cand.nodes) + 1, intermediate_mb_per_image=mb)

@@ -111,98 +111,124 @@ class Grouping:
 def solve_grouping(cmap: ChannelMap, multiplier: int, c_in: int) -> Grouping:
     """The finest Conv (largest group count) that computes `cmap`; raises NotFusable otherwise."""
     terms = cmap.terms
-    c_out = terms.shape[0]
     valid = terms >= 0
-    src = np.where(valid, terms // multiplier, -1)
-    max_terms = _max_terms_per_kernel(src, valid, c_in)
-    rows = np.arange(c_out)[:, None]
-    divisors = [g for g in range(gcd(c_in, c_out), 1, -1) if c_in % g == 0 and c_out % g == 0]
-    for g in divisors:
-        cig, cog = c_in // g, c_out // g
-        if np.all(~valid | (src // cig == rows // cog)):
+    rows = np.broadcast_to(np.arange(terms.shape[0])[:, None], terms.shape)[valid]
+    return solve_pairs(rows, terms[valid] // multiplier, terms.shape[0], c_in)
+
+
+def solve_pairs(out: np.ndarray, inp: np.ndarray, c_out: int, c_in: int) -> Grouping:
+    """The finest grouped Conv whose connections include every (output, input) channel pair given
+    (pairs may repeat: a kernel that sums several), up to channel permutations; NotFusable otherwise.
+
+    One solver for every form a model arrives in: the pairs come from an emulation's channel map,
+    from a block-diagonal weight's nonzero blocks, or from the slices a split form's convs read.
+    """
+    out = np.asarray(out, dtype=np.int64)
+    inp = np.asarray(inp, dtype=np.int64)
+    max_terms = int(np.bincount(out * c_in + inp).max()) if out.size else 0
+    for g in (g for g in range(gcd(c_in, c_out), 1, -1) if c_in % g == 0 and c_out % g == 0):
+        if np.array_equal(inp // (c_in // g), out // (c_out // g)):
             return Grouping(g, c_in, c_out, None, None, max_terms)
-    return _grouping_up_to_permutation(src, valid, c_in, c_out, max_terms)
+    return _grouping_up_to_permutation(out, inp, c_in, c_out, max_terms)
 
 
-def _max_terms_per_kernel(src, valid, c_in) -> int:
-    if not valid.any():
-        return 0
-    rows = np.broadcast_to(np.arange(src.shape[0])[:, None], src.shape)[valid]
-    keys = rows * c_in + src[valid]
-    return int(np.bincount(keys).max())
+def _components(out: np.ndarray, inp: np.ndarray, c_in: int, c_out: int) -> np.ndarray:
+    """Connected component (its smallest input channel) of every input channel, in the bipartite graph
+    of the pairs: labels spread along pairs and are shortcut by pointer jumping, all vectorised."""
+    label = np.arange(c_in)
+    while True:
+        reach = np.full(c_out, c_in, dtype=np.int64)
+        np.minimum.at(reach, out, label[inp])
+        new = label.copy()
+        np.minimum.at(new, inp, reach[out])
+        while True:  # jump: a label's own label is smaller or equal
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            return label
+        label = new
 
 
-def _grouping_up_to_permutation(src, valid, c_in, c_out, max_terms) -> Grouping:
-    parent = np.arange(c_in)
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for o in range(c_out):
-        chans = src[o][valid[o]]
-        if len(chans) == 0:
-            raise NotFusable(f"output channel {o} sums nothing")
-        root = find(chans[0])
-        for c in chans[1:]:
-            r = find(c)
-            if r != root:
-                parent[r] = root
-    roots = np.array([find(c) for c in range(c_in)])
-    out_roots = np.array([roots[src[o][valid[o]][0]] for o in range(c_out)])
-    groups = {}
-    for c, r in enumerate(roots):
-        groups.setdefault(r, [[], []])[0].append(c)
-    for o, r in enumerate(out_roots):
-        groups[r][1].append(o)
-    sizes = {(len(i), len(o)) for i, o in groups.values()}
-    if any(len(o) == 0 for _, o in groups.values()):
-        unused = next(i for i, o in groups.values() if not o)
-        raise NotFusable(f"input channel {unused[0]} reaches no output")
+def _grouping_up_to_permutation(out, inp, c_in, c_out, max_terms) -> Grouping:
+    read = np.zeros(c_out, dtype=bool)
+    read[out] = True
+    if not read.all():
+        raise NotFusable(f"output channel {int(np.argmin(read))} sums nothing")
+    roots = _components(out, inp, c_in, c_out)
+    out_roots = np.full(c_out, -1, dtype=np.int64)
+    out_roots[out] = roots[inp]
+    used = np.zeros(c_in, dtype=bool)
+    used[inp] = True
+    if not used.all():
+        raise NotFusable(f"input channel {int(np.argmin(used))} reaches no output")
+    in_ids, in_sizes = np.unique(roots, return_counts=True)
+    out_sizes = np.bincount(out_roots, minlength=c_in)[in_ids]
+    sizes = set(zip(in_sizes.tolist(), out_sizes.tolist()))
     if len(sizes) != 1:
         raise NotFusable(f"its channel groups have unequal sizes {sorted(sizes)}")
-    if len(groups) == 1:
+    if len(in_ids) == 1:
         raise NotFusable("every output sums across all input channels: a dense Conv, not a grouped one")
-    ordered = sorted(groups.values(), key=lambda io: min(io[1]))
-    in_perm = np.array([c for i, _ in ordered for c in sorted(i)], dtype=np.int64)
-    out_order = np.array([o for _, o in ordered for o in sorted(o)], dtype=np.int64)
+    first_out = np.full(c_in, c_out, dtype=np.int64)
+    np.minimum.at(first_out, out_roots, np.arange(c_out))
+    rank = np.empty(c_in, dtype=np.int64)  # groups ordered by their first output channel
+    order = np.argsort(first_out[in_ids], kind="stable")
+    rank[in_ids[order]] = np.arange(len(in_ids))
+    in_perm = np.lexsort((np.arange(c_in), rank[roots])).astype(np.int64)
+    out_order = np.lexsort((np.arange(c_out), rank[out_roots])).astype(np.int64)
     identity_in = np.array_equal(in_perm, np.arange(c_in))
     identity_out = np.array_equal(out_order, np.arange(c_out))
-    return Grouping(len(groups), c_in, c_out, None if identity_in else in_perm,
+    return Grouping(len(in_ids), c_in, c_out, None if identity_in else in_perm,
                     None if identity_out else out_order, max_terms)
 
 
 def fuse_weights(grouping: Grouping, cmap: ChannelMap, dw_weight: np.ndarray, dw_bias: np.ndarray | None,
                  multiplier: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weight [C_out, Cig, k...] (and bias) of the fused Conv, in the fused Conv's channel order.
-
-    Sums run in float64 and are cast once, so a kernel that receives a single depthwise
-    kernel is copied bit for bit.
-    """
+    """Weight [C_out, Cig, k...] (and bias) of the Conv an emulation's channel map fuses to, in the
+    fused Conv's channel order."""
     terms = cmap.terms
-    c_out = terms.shape[0]
+    o_idx, t_idx = np.nonzero(terms >= 0)
+    j = terms[o_idx, t_idx]
+    bias = None
+    if dw_bias is not None or cmap.bias is not None:
+        bias = Bias(o_idx, dw_bias[j] if dw_bias is not None else None, cmap.bias)
+    return place_kernels(grouping, o_idx, j // multiplier, dw_weight[:, 0], j, bias, dw_weight.dtype)
+
+
+@dataclass(frozen=True)
+class Bias:
+    """A fused Conv's bias: `values[i]` added to output `out[i]` (None: none), plus `extra` per output."""
+
+    out: np.ndarray
+    values: np.ndarray | None
+    extra: np.ndarray | None = None
+
+
+def place_kernels(grouping: Grouping, out: np.ndarray, inp: np.ndarray, kernels: np.ndarray, which: np.ndarray,
+                  bias: Bias | None, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weight [C_out, Cig, k...] (and bias) of the grouped Conv that connects output `out[i]` to input
+    `inp[i]` with kernel `kernels[which[i]]`, in the grouped Conv's channel order.
+
+    Sums run in float64 and are cast once, so a kernel that lands alone is copied bit for bit.
+    """
+    c_out = grouping.c_out
     cig, cog = grouping.cig, grouping.cog
     pos_in = _inverse(grouping.in_perm, grouping.c_in)
     pos_out = _inverse(grouping.out_order, c_out)
-    o_idx, t_idx = np.nonzero(terms >= 0)
-    j = terms[o_idx, t_idx]
-    q = pos_out[o_idx]
-    p = pos_in[j // multiplier] - (q // cog) * cig
-    kernel = dw_weight.shape[2:]
-    acc = np.zeros((c_out, cig) + kernel, dtype=np.float64)
-    np.add.at(acc, (q, p), dw_weight[j, 0].astype(np.float64))
-    weight = acc.astype(dw_weight.dtype)
-    bias = None
-    if dw_bias is not None or cmap.bias is not None:
-        total = np.zeros(c_out, dtype=np.float64)
-        if dw_bias is not None:
-            np.add.at(total, q, dw_bias[j].astype(np.float64))
-        if cmap.bias is not None:
-            total[pos_out] += cmap.bias
-        bias = total.astype(dw_weight.dtype)
-    return weight, bias
+    q = pos_out[out]
+    p = pos_in[inp] - (q // cog) * cig
+    acc = np.zeros((c_out, cig) + kernels.shape[1:], dtype=np.float64)
+    np.add.at(acc, (q, p), kernels[which].astype(np.float64))
+    weight = acc.astype(dtype)
+    if bias is None:
+        return weight, None
+    total = np.zeros(c_out, dtype=np.float64)
+    if bias.values is not None:
+        np.add.at(total, pos_out[bias.out], np.asarray(bias.values, dtype=np.float64))
+    if bias.extra is not None:
+        total[pos_out] += bias.extra
+    return weight, total.astype(dtype)
 
 
 def _inverse(perm: np.ndarray | None, n: int) -> np.ndarray:

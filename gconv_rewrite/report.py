@@ -28,6 +28,7 @@ class Decision:
 
     node: str
     kind: str  # "grouped_conv" (a native grouped Conv) | "emulation" (a depthwise Conv + channel sums)
+    #            | "split" (Convs on channel slices + Concat) | "dense" (a Conv with block-diagonal weights)
     action: str  # "fused" (to one Conv) | "expanded" (to the depthwise emulation) | "converted" | "kept" | "skipped"
     #              | "reverted" (auto mode: rewritten, but not measurably faster, so undone)
     computes: str  # what the node or region computes
@@ -40,6 +41,7 @@ class Decision:
     #                          emulation fused into the plain depthwise Conv it equals (None: skipped)
     prediction: Prediction | None = None  # each form's predicted / measured time on the target provider
     code: str = ""  # skipped: the reason's stable short code (analysis.SKIP_CODES, docs/reports.md)
+    was: str | None = None  # the form it arrived in: native | dw | split | dense (None: skipped)
 
     TABLE_HEADER = f"{'action':<9} {'node':<34} {'form':<9} {'ms before -> after':>24}"
 
@@ -51,7 +53,7 @@ class Decision:
         p = self.prediction
         if p is not None and self.form is not None:
             t = {f: v for f, v in (p.measured_ms or p.times_ms).items() if v is not None}
-            original = "native" if self.kind == "grouped_conv" else "dw"
+            original = self.was
             if original in t and self.form in t:
                 times = f"{t[original]:.3f} -> {t[self.form]:.3f}{' *' if p.basis == 'measured' else ''}"
         return f"{self.action:<9} {node:<34} {self.form or '-':<9} {times:>24}"
@@ -102,7 +104,7 @@ class RewriteResult:
             if d.form is None or d.prediction is None:
                 continue
             times = {f: t for f, t in (d.prediction.measured_ms or d.prediction.times_ms).items() if t is not None}
-            original = "native" if d.kind == "grouped_conv" else "dw"
+            original = d.was
             if original not in times or d.form not in times:
                 return None
             before += times[original]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from onnx import GraphProto, ModelProto
 
-from .analysis import analyse, node_label
+from .analysis import analyse
 from .cost import Planner
 from .decide import DIRECTIONS, Direction, Intent, decide
 from .geometry import FORMS, Form
 from .graph import GraphIndex, NameGen, ShapeTable, attr, default_opset, outer_references, subgraphs
 from .report import Decision
 from .surgery import Edit, apply_form
+from .tracing import node_label
 from .tune_cache import cached_planner
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, helper
 
-from .analysis import Emulation, NativeGrouped
+from .analysis import Composite, Emulation, NativeGrouped
 from .graph import SHAPE_ONLY_OPS, GraphIndex, NameGen, attr, outer_references, subgraphs
 from .lowering import emit, fuse_weights, int64_tensor, tensor
 from .report import Decision
@@ -159,30 +159,42 @@ def apply_form(ix: GraphIndex, cand, form: str, names: NameGen, edit: Edit, deci
         _fuse(ix, cand, names, edit, decision, form)
 
 
-def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: Edit, decision: Decision,
+def _fuse(ix: GraphIndex, cand: Emulation | Composite, names: NameGen, edit: Edit, decision: Decision,
           form: str = "native") -> None:
-    """Plan the edit that replaces an emulation region by one conv in `form`, its channel permutations
-    folded into the producer or applied with Gathers, its channels-last layout restored."""
-    dw, grouping, cmap = cand.dw, cand.grouping, cand.cmap
-    base = dw.name or dw.output[0]
-    multiplier = cand.dw_weight.shape[0] // grouping.c_in
-    weight, bias = fuse_weights(grouping, cmap, cand.dw_weight, cand.dw_bias, multiplier)
+    """Plan the edit that replaces an emulation region or a composite by one conv in `form`, its
+    channel permutations folded into the producer or applied with Gathers, its layouts restored."""
+    if isinstance(cand, Emulation):
+        multiplier = cand.dw_weight.shape[0] // cand.grouping.c_in
+        weight, bias = fuse_weights(cand.grouping, cand.cmap, cand.dw_weight, cand.dw_bias, multiplier)
+        template, x, x_layout, layout = cand.dw, cand.dw.input[0], "NC", cand.cmap.layout
+        replaced = [cand.dw] + cand.nodes
+    else:
+        weight, bias = cand.weight, cand.bias
+        template, x, x_layout, layout, replaced = cand.anchor, cand.x, cand.x_layout, cand.layout, cand.nodes
+    grouping = cand.grouping
+    base = template.name or template.output[0]
+    rank = weight.ndim
     new: list[NodeProto] = []
-    conv_in = dw.input[0]
+    conv_in = x
+    if x_layout == "NLC":
+        conv_in = names(f"{base}.channels_first")
+        new.append(helper.make_node("Transpose", [x], [conv_in], name=names(f"{base}/to_channels_first"),
+                                    perm=[0, rank - 1] + list(range(1, rank - 1))))
     if grouping.in_perm is not None:
-        if _fold_input_permutation(ix, conv_in, grouping.in_perm, names, edit, dw):
+        if x_layout == "NC" and _fold_input_permutation(ix, conv_in, grouping.in_perm, names, edit, template):
             decision.reason = "; ".join(filter(None, [decision.reason,
                                                       "input permutation folded into the producing Conv"]))
         else:
-            perm_name, conv_in = names(f"{base}.in_perm"), names(f"{base}.permuted_input")
+            perm_name, permuted = names(f"{base}.in_perm"), names(f"{base}.permuted_input")
             edit.initializers.append(int64_tensor(perm_name, grouping.in_perm))
-            new.append(helper.make_node("Gather", [dw.input[0], perm_name], [conv_in],
+            new.append(helper.make_node("Gather", [conv_in, perm_name], [permuted],
                                         name=names(f"{base}/permute_in"), axis=1))
+            conv_in = permuted
             decision.reason = "; ".join(filter(None, [decision.reason, "input permutation applied with a Gather"]))
-    needs_tail = grouping.out_order is not None or cmap.layout == "NLC"
+    needs_tail = grouping.out_order is not None or layout == "NLC"
     conv_out = names(f"{base}.out") if needs_tail else cand.output
-    body, inits = emit(form, ix.opset, ix.shape(conv_out), conv_in, weight, bias, grouping.group, dw, conv_out, base,
-                       names)
+    body, inits = emit(form, ix.opset, ix.shape(conv_out), conv_in, weight, bias, grouping.group, template, conv_out,
+                       base, names)
     new += body
     edit.initializers += inits
     current = conv_out
@@ -190,20 +202,19 @@ def _fuse(ix: GraphIndex, cand: Emulation, names: NameGen, edit: Edit, decision:
         inv = np.empty_like(grouping.out_order)
         inv[grouping.out_order] = np.arange(len(inv))
         idx_name = names(f"{base}.out_perm")
-        nxt = cand.output if cmap.layout == "NC" else names(f"{base}.out_permuted")
+        nxt = cand.output if layout == "NC" else names(f"{base}.out_permuted")
         edit.initializers.append(int64_tensor(idx_name, inv))
         new.append(helper.make_node("Gather", [current, idx_name], [nxt], name=names(f"{base}/permute_out"), axis=1))
         current = nxt
         decision.reason = ((decision.reason + "; " if decision.reason else "")
                            + "output permutation applied with a Gather")
-    if cmap.layout == "NLC":
-        rank = len(cand.dw_weight.shape)
+    if layout == "NLC":
         new.append(helper.make_node("Transpose", [current], [cand.output], name=names(f"{base}/to_channels_last"),
                                     perm=[0] + list(range(2, rank)) + [1]))
-    edit.replace[id(cand.nodes[-1])] = new
-    edit.remove.update(id(n) for n in cand.nodes[:-1])
-    edit.remove.add(id(dw))
-    decision.nodes_removed, decision.nodes_added = len(cand.nodes) + 1, len(new)
+    last = max(replaced, key=ix.pos)
+    edit.replace[id(last)] = new
+    edit.remove.update(id(n) for n in replaced if n is not last)
+    decision.nodes_removed, decision.nodes_added = len(replaced), len(new)
 
 
 _ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",

@@ -26,7 +26,7 @@ from .graph import _inferred_value_infos
 from .wording import VERIFY_REPORT, schema
 
 DEFAULT_BATCH = 2
-# The analysis traces symbolic dims at batch 2 and spatial sizes below this (analysis._probe): a
+# The analysis traces symbolic dims at batch 2 and spatial sizes below this (tracing.conv_output_sizes): a
 # verification sample beyond it checks a size no proof step was ever evaluated at.
 LARGEST_PROBE = 40
 # Largest error allowed relative to the reference output's magnitude (max |ref|), by dtype.

@@ -118,3 +118,69 @@ def test_tf2onnx_shape_consumers_of_the_conv_output_are_removed():
     assert op_counts(model)["Shape"] >= 1
     out = gr.rewrite(model, "fuse", verify_result=False).model
     assert op_counts(out)["Shape"] == 0
+
+
+# -- the split form, as the exporters write it ------------------------------------------------------
+
+SPLITS = {
+    "keras_lambda_split_block": "grouped Conv G=8 (Cig=4, Cog=4)",
+    "keras_lambda_split_block_s2": "grouped Conv G=8 (Cig=4, Cog=4)",
+    "tf_split_concat": "grouped Conv G=4 (Cig=8, Cog=8)",
+    "torch_chunk_cat": "grouped Conv G=8 (Cig=4, Cog=4)",
+    "torch_dynamo_chunk_cat": "grouped Conv G=8 (Cig=4, Cog=4)",
+    "torch_split_odd_groups": "grouped Conv G=3 (Cig=8, Cog=8)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_split_form_is_fused_and_matches_the_framework(name):
+    model, inputs, expected = load_fixture(name)
+    result = gr.rewrite(model, "fuse", verify_result=False)
+    fused = [d for d in result.decisions if d.action == "fused"]
+    assert len(fused) == 1 and len(result.decisions) == 1, [d.line() for d in result.decisions]
+    assert (fused[0].kind, fused[0].was) == ("split", "split")
+    assert SPLITS[name] in fused[0].computes
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert out.ir_version == model.ir_version and list(out.opset_import) == list(model.opset_import)
+    counts = op_counts(out)
+    assert not {"Split", "Slice", "Concat", "Shape"} & set(counts), counts  # torch's Shape->Slice bounds go too
+    assert counts["Conv"] == op_counts(model)["Conv"] - int(SPLITS[name].split("G=")[1].split()[0]) + 1
+    assert_matches_framework(out, inputs, expected)
+
+
+def test_mixconv_kernels_are_a_near_miss_with_the_reason():
+    model, _, _ = load_fixture("torch_chunk_cat_mixed_kernels")
+    (decision,) = gr.rewrite(model, "fuse", verify_result=False).decisions
+    assert (decision.kind, decision.action, decision.code) == ("split", "skipped", "unequal_convs")
+    assert "kernel (3, 3)" in decision.reason and "(5, 5)" in decision.reason
+
+
+# -- closure: whatever form a model arrives in, auto makes the same model of it ---------------------------
+
+CLOSED = sorted(set(EMULATIONS) - {"tf_wrong_sum_multiplier"}) + NATIVE + sorted(SPLITS)
+
+
+def _canonical(model):
+    """What a model computes with, independent of node names: ops, and the Convs' weights and biases."""
+    ops = {op: n for op, n in op_counts(model).items() if op != "Identity"}
+    conv_inputs = {name for n in model.graph.node if n.op_type == "Conv" for name in n.input[1:]}
+    weights = {onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.name in conv_inputs}
+    return ops, weights
+
+
+@pytest.mark.parametrize("name", CLOSED)
+def test_every_form_in_gives_the_same_auto_model_out(name):
+    model, inputs, expected = load_fixture(name)
+    auto = gr.rewrite(model, "auto", verify_result=False)
+    want = _canonical(auto.model)
+    for form in ("native", "dw", "split", "dense"):
+        written = gr.rewrite(model, form=form, verify_result=False)
+        assert {d.form for d in written.decisions} == {form}, [d.line() for d in written.decisions]
+        assert_matches_framework(written.model, inputs, expected)
+        again = gr.rewrite(written.model, "auto", verify_result=False)
+        assert _canonical(again.model) == want, form
+        for other in ("native", "dw", "split", "dense"):  # form Y in, form X out
+            if other != form:
+                converted = gr.rewrite(written.model, form=other, verify_result=False)
+                assert {d.form for d in converted.decisions} == {other}, (form, other)

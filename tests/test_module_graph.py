@@ -19,6 +19,8 @@ LAYERS = [
     {"symbolic"},                                   # shape values over symbolic sizes; ONNX-exact constant evaluation
     {"model_io", "runtime", "channelmap"},          # load/save; onnxruntime sessions; index propagation
     {"lowering"},                                   # each form's weight algebra and nodes (analysis and probes use it)
+    {"tracing"},                                    # regions of channel-moving ops and their traces
+    {"composites"},                                 # split forms, block-diagonal and mixed Convs
     {"analysis"},                                   # analyse: candidates and skip reasons
     {"cost"},                                       # plan: predictions
     {"cost_fit", "tuning"},                         # plan: fitting (offline); measuring probes

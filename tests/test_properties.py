@@ -87,6 +87,11 @@ def test_fuse_every_layout(geometry, layout, pad_node):
     sample = grouped_conv_model(layout, pad_node=pad_node and geometry["auto_pad"] == "NOTSET", **geometry)
     result = gr.rewrite(sample.model, "fuse", verify_result=False)
     cig = geometry["in_channels"] // geometry["groups"]
+    if cig == 1 and layout == "frozen_1x1":  # G = C_in: a depthwise Conv and a 1x1 Conv that only permutes
+        assert [d.action for d in result.decisions] == ["fused"], [d.line() for d in result.decisions]
+        assert result.decisions[0].form == "depthwise" and op_counts(result.model)["Conv"] == 1
+        assert_same_outputs(sample.model, result.model, random_input(sample, geometry), geometry["dtype"])
+        return
     if cig == 1:  # G = C_in: the "emulation" sums nothing and is the depthwise Conv itself
         assert [d.action for d in result.decisions] == ["skipped"], [d.line() for d in result.decisions]
         assert result.decisions[0].code == "nothing_summed"
