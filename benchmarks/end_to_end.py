@@ -6,7 +6,7 @@ verification, never-regress guard), then, for emulated inputs, `gconv_rewrite.ve
 twin, result)` timing the rewritten model against the native model with the same weights.
 Both timings are interleaved rounds in one process (see verify.measure_latency).
 
-    python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50] [--provider cuda]
+    python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50] [--provider cuda] [--only split dense]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MODELS = os.path.join(HERE, "..", "models")
 SAMPLES = ["resnext_native", "resnext_emulated_nchw", "resnext_emulated_tf", "resnext_sum_slices",
            "resnext_frozen_1x1", "resnext_interleaved"]
 R50_LAYOUTS = [("native", {}), ("nhwc_tf2onnx", {"pad_node": True}), ("nhwc_sum_slices", {}), ("frozen_1x1", {}),
-               ("nchw_reducesum", {})]
+               ("nchw_reducesum", {}), ("split", {}), ("dense", {})]  # split, dense: the tool's own --form outputs
 
 
 def row(name, model, twin, rounds, provider="cpu"):
@@ -50,18 +50,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-resnext50", action="store_true")
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--only", nargs="*", help="ResNeXt-50 layouts to run (default: the samples and every layout)")
     args = parser.parse_args()
     print("| model | decisions | auto vs input (speedup) | auto result / native twin (time ratio) | wall |")
     print("|---|---|---|---|---|")
     native = os.path.join(MODELS, "resnext_native.onnx")
-    for name in SAMPLES:
+    for name in SAMPLES if not args.only else []:
         path = os.path.join(MODELS, f"{name}.onnx")
         row(f"models/{name}.onnx", path, None if name == "resnext_native" else native, args.rounds, args.provider)
     if args.skip_resnext50:
         return
     twin = resnext_model(50, "32x4d", "native", batch=1)
     for layout, extra in R50_LAYOUTS:
-        model = twin if layout == "native" else resnext_model(50, "32x4d", layout, batch=1, **extra)
+        if args.only and layout not in args.only:
+            continue
+        if layout in ("split", "dense"):
+            model = gr.rewrite(twin, form=layout, verify_result=False).model
+        else:
+            model = twin if layout == "native" else resnext_model(50, "32x4d", layout, batch=1, **extra)
         row(f"ResNeXt-50 32x4d {layout}, batch 1, 224", model, None if layout == "native" else twin, args.rounds,
             args.provider)
 

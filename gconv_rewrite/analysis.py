@@ -37,12 +37,18 @@ _NOT_REWRITTEN = {
     "ConvInteger": "quantized convs are not rewritten",
     "ConvTranspose": "transposed convs are not rewritten",
 }
+_FUSED_CONV = ("com.microsoft FusedConv (a grouped Conv and its activation, fused by onnxruntime's extended "
+               "optimizer) is not rewritten: rewrite the model before that optimization, or save it with "
+               "disabled_optimizers=['ConvActivationFusion']")
+_FUSED_MIX = ("its output feeds a com.microsoft FusedConv (a Conv and its activation, fused by onnxruntime's "
+              "extended optimizer), which is not traced: rewrite the model before that optimization, or save it "
+              "with disabled_optimizers=['ConvActivationFusion']")
 # Stable short codes of skip reasons (docs/reports.md lists and explains each; scripts match these).
 SKIP_CODES = frozenset({
     "size_dependent", "not_a_channel_move", "not_a_channel_map", "not_a_single_conv", "nothing_summed",
     "no_single_exit", "too_large", "weight_not_constant", "bias_not_constant", "weight_dtype", "quantized",
     "transposed", "inconsistent", "no_such_form", "opset_too_old", "in_function", "unequal_convs",
-    "not_channel_slices", "other"})
+    "not_channel_slices", "optimized", "other"})
 _MAX_TRACE_ELEMENTS = 1 << 27
 
 
@@ -120,6 +126,11 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
             found.append(Skip(node, "grouped_conv", _NOT_REWRITTEN[node.op_type],
                               code="quantized" if "quantized" in _NOT_REWRITTEN[node.op_type] else "transposed"))
             continue
+        if node.op_type == "FusedConv" and node.domain == "com.microsoft" and 1 < attr(node, "group", 1):
+            dims = ix.constant_dims(node.input[1]) if len(node.input) > 1 else None
+            if dims is None or len(dims) < 2 or dims[1] > 1:  # not depthwise (Cig > 1)
+                found.append(Skip(node, "grouped_conv", _FUSED_CONV, code="optimized"))
+            continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         group = attr(node, "group", 1)
@@ -145,6 +156,9 @@ def analyse(ix: GraphIndex) -> list[Candidate]:
             found.append(_guarded(_native, ix, node, "grouped_conv"))
         elif group == c_in and c_in > 1 and any(n.op_type in TRACEABLE_OPS for n in ix.data_consumers(node.output[0])):
             found.append(node)  # traced below
+        elif group == c_in and c_in > 1 and any(n.op_type == "FusedConv" and n.domain == "com.microsoft"
+                                                for n in ix.data_consumers(node.output[0])):
+            found.append(Skip(node, "emulation", _FUSED_MIX, code="optimized"))
     pending = [n for n in found if isinstance(n, NodeProto)]
     if pending:
         ix.shape(pending[0].output[0])  # run shape inference once, before the threads

@@ -24,7 +24,7 @@ from onnx import NodeProto
 
 from .channelmap import ChannelMap, NotAChannelMove, Traced, classify_output, source
 from .geometry import ConvSpec, conv_attributes, spec_from_conv
-from .graph import GraphIndex
+from .graph import GraphIndex, attr
 from .lowering import Bias, Grouping, NotFusable, place_kernels, solve_pairs
 from .tracing import (
     TraceSizes,
@@ -65,6 +65,8 @@ class Composite:
     bias: np.ndarray | None
     found_as: str  # how it is written, in words
     scope: tuple = ()
+    rejoin: tuple[NodeProto, int, int] | None = None  # a Concat that also joins other tensors: its inputs
+    #                                                   [a, b) are the Convs' outputs, to become `output`
 
     @property
     def node(self) -> NodeProto:
@@ -120,7 +122,7 @@ def find(ix: GraphIndex, taken: set[int], mixable: set[int]) -> list[Composite |
         if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
             convs = _joined_convs(ix, node, used)
             if len(convs) >= 2:
-                result = _guarded(_split, ix, convs[0], "split", convs)
+                result = _guarded(_split, ix, convs[0], "split", convs, node)
                 if result is not None:
                     found.append(result)
                     if isinstance(result, Composite):
@@ -252,7 +254,7 @@ def _differ(a: _Conv, b: _Conv) -> str:
 
 # -- the split form --------------------------------------------------------------------------------
 
-def _split(ix: GraphIndex, nodes: list[NodeProto]) -> Composite | NearMiss | None:
+def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto) -> Composite | NearMiss | None:
     memo: dict = {}
     chains = [_chain_up(ix, n.input[0], memo) for n in nodes]
     common = [t for t in chains[0] if all(t in c for c in chains[1:])]
@@ -275,7 +277,14 @@ def _split(ix: GraphIndex, nodes: list[NodeProto]) -> Composite | NearMiss | Non
     try:
         x, x_layout, selections = _read_slices(ix, convs, chains, common)
         _check_cover(convs, selections, _channels(ix, x, x_layout))
-        region, cut, output, cmap = _joined(ix, convs)
+        rejoin = None
+        try:
+            region, cut, output, cmap = _joined(ix, convs)
+        except NotAChannelMove:
+            rejoin = _run_in(ix, convs, concat)
+            if rejoin is None:
+                raise
+            region, cut, output, cmap = [concat], 0, concat.output[0], _run_map(convs, concat, rejoin)
         wiring = _split_wiring(convs, selections, cmap)
         grouping = solve_pairs(wiring.out, wiring.inp, len(cmap.terms), _channels(ix, x, x_layout))
     except NotAChannelMove as exc:
@@ -284,8 +293,35 @@ def _split(ix: GraphIndex, nodes: list[NodeProto]) -> Composite | NearMiss | Non
         return miss(f"they do not compute a single Conv: {exc}", "not_a_single_conv", convs[0].spec)
     replaced = sorted([c.node for c in convs] + region[:cut + 1], key=ix.pos)
     written = sum(c.spec.group for c in convs)
-    return _composite(ix, "split", "split", written, convs[0], x, x_layout, replaced, output, cmap.layout,
-                      grouping, wiring, f"Split -> {len(convs)} Convs -> Concat")
+    found = _composite(ix, "split", "split", written, convs[0], x, x_layout, replaced, output, cmap.layout,
+                       grouping, wiring, f"Split -> {len(convs)} Convs -> Concat")
+    if rejoin is not None:
+        found.rejoin = (concat,) + rejoin
+        found.found_as += f" (inputs {rejoin[0]}..{rejoin[1] - 1} of {len(concat.input)})"
+    return found
+
+
+def _run_in(ix: GraphIndex, convs: list[_Conv], concat: NodeProto) -> tuple[int, int] | None:
+    """[a, b) where a Concat along channels that also joins other tensors reads the Convs' outputs
+    directly, one after another, each read by nothing else; None if it does not."""
+    rank = convs[0].weight.ndim
+    if attr(concat, "axis", 0) % rank != 1:
+        return None
+    outputs = {c.node.output[0] for c in convs}
+    at = [i for i, name in enumerate(concat.input) if name in outputs]
+    if (len(at) != len(convs) or at != list(range(at[0], at[0] + len(at)))
+            or any(ix.is_output(n) or len(ix.consumers.get(n, ())) != 1 for n in outputs)):
+        return None
+    return at[0], at[-1] + 1
+
+
+def _run_map(convs: list[_Conv], concat: NodeProto, run: tuple[int, int]) -> ChannelMap:
+    offsets, offset = {}, 0
+    for c in convs:
+        offsets[c.node.output[0]] = (offset, c.spec.c_out)
+        offset += c.spec.c_out
+    order = [np.arange(start, start + n) for start, n in (offsets[name] for name in concat.input[run[0]:run[1]])]
+    return ChannelMap(np.concatenate(order)[:, None], None, "NC")
 
 
 def _check_cover(convs: list[_Conv], selections: list[np.ndarray], channels: int) -> None:
@@ -540,8 +576,9 @@ def _finer(ix: GraphIndex, node: NodeProto) -> Composite | None:
     if isinstance(conv, str) or conv.spec.is_depthwise or conv.spec.c_out % conv.spec.group:
         return None
     w = conv.weight
-    if np.all(np.any(w.reshape(w.shape[0], w.shape[1], -1) != 0, axis=2)):
-        return None  # every kernel nonzero: as many groups as it says
+    live = np.any(w.reshape(w.shape[0], w.shape[1], -1) != 0, axis=2)
+    if 2 * int(live.sum(axis=1).max(initial=0)) > w.shape[1]:
+        return None  # an output reads over half its inputs: no finer equal groups (the common case, decided fast)
     out, inp, rows = _own_pairs(conv)
     bias = Bias(np.arange(conv.spec.c_out), conv.bias) if conv.bias is not None else None
     wiring = _Wiring(out, inp, w.reshape((-1,) + w.shape[2:]), rows, bias).nonzero()

@@ -236,7 +236,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skel.functions.extend(model.functions)
     g, src = skel.graph, model.graph
     g.name = src.name
-    g.node.extend(src.node)
+    g.node.extend(_inferable(n) for n in src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
@@ -251,6 +251,17 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         elif init.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return skel
+
+
+def _inferable(node: NodeProto) -> NodeProto:
+    """onnxruntime's com.microsoft FusedConv (a Conv fused with its activation by the extended optimizer,
+    saved with optimized_model_filepath) has no schema in onnx; for shape inference it is the Conv it
+    was, whose shapes it keeps."""
+    if node.op_type != "FusedConv" or node.domain != "com.microsoft":
+        return node
+    stand_in = onnx.helper.make_node("Conv", list(node.input[:3]), list(node.output[:1]), name=node.name)
+    stand_in.attribute.extend(a for a in node.attribute if not a.name.startswith("activation"))
+    return stand_in
 
 
 def _inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -125,11 +125,20 @@ def solve_pairs(out: np.ndarray, inp: np.ndarray, c_out: int, c_in: int) -> Grou
     """
     out = np.asarray(out, dtype=np.int64)
     inp = np.asarray(inp, dtype=np.int64)
-    max_terms = int(np.bincount(out * c_in + inp).max()) if out.size else 0
+    max_terms = _most_repeated(out * c_in + inp)
     for g in (g for g in range(gcd(c_in, c_out), 1, -1) if c_in % g == 0 and c_out % g == 0):
         if np.array_equal(inp // (c_in // g), out // (c_out // g)):
             return Grouping(g, c_in, c_out, None, None, max_terms)
     return _grouping_up_to_permutation(out, inp, c_in, c_out, max_terms)
+
+
+def _most_repeated(keys: np.ndarray) -> int:
+    """How often the most frequent key occurs (0 for none), without a table as large as the key range."""
+    if not keys.size:
+        return 0
+    keys = np.sort(keys)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+    return int(np.diff(starts).max())
 
 
 def _components(out: np.ndarray, inp: np.ndarray, c_in: int, c_out: int) -> np.ndarray:

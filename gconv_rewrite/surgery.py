@@ -191,8 +191,10 @@ def _fuse(ix: GraphIndex, cand: Emulation | Composite, names: NameGen, edit: Edi
                                         name=names(f"{base}/permute_in"), axis=1))
             conv_in = permuted
             decision.reason = "; ".join(filter(None, [decision.reason, "input permutation applied with a Gather"]))
+    rejoin = cand.rejoin if isinstance(cand, Composite) else None
+    final = names(f"{base}.joined") if rejoin is not None else cand.output
     needs_tail = grouping.out_order is not None or layout == "NLC"
-    conv_out = names(f"{base}.out") if needs_tail else cand.output
+    conv_out = names(f"{base}.out") if needs_tail else final
     body, inits = emit(form, ix.opset, ix.shape(conv_out), conv_in, weight, bias, grouping.group, template, conv_out,
                        base, names)
     new += body
@@ -202,15 +204,22 @@ def _fuse(ix: GraphIndex, cand: Emulation | Composite, names: NameGen, edit: Edi
         inv = np.empty_like(grouping.out_order)
         inv[grouping.out_order] = np.arange(len(inv))
         idx_name = names(f"{base}.out_perm")
-        nxt = cand.output if layout == "NC" else names(f"{base}.out_permuted")
+        nxt = final if layout == "NC" else names(f"{base}.out_permuted")
         edit.initializers.append(int64_tensor(idx_name, inv))
         new.append(helper.make_node("Gather", [current, idx_name], [nxt], name=names(f"{base}/permute_out"), axis=1))
         current = nxt
         decision.reason = ((decision.reason + "; " if decision.reason else "")
                            + "output permutation applied with a Gather")
     if layout == "NLC":
-        new.append(helper.make_node("Transpose", [current], [cand.output], name=names(f"{base}/to_channels_last"),
+        new.append(helper.make_node("Transpose", [current], [final], name=names(f"{base}/to_channels_last"),
                                     perm=[0] + list(range(2, rank)) + [1]))
+    if rejoin is not None:  # the Concat keeps joining the other tensors, now with the fused Conv's output
+        concat, a, b = rejoin
+        joined = onnx.NodeProto()
+        joined.CopyFrom(concat)
+        del joined.input[:]
+        joined.input.extend(list(concat.input[:a]) + [final] + list(concat.input[b:]))
+        new.append(joined)
     last = max(replaced, key=ix.pos)
     edit.replace[id(last)] = new
     edit.remove.update(id(n) for n in replaced if n is not last)

@@ -301,3 +301,19 @@ def test_depthwise_mixed_by_scaled_selector_1x1():
     # a 0/1 selector is the classic frozen 1x1: still the emulation path
     plain = _model(nodes, {**inits, "mix": select}, ["N", c, 8, 8], ["N", group * cog, 8, 8])
     assert _only(_fused(plain)).spec.group == group
+
+
+def test_a_concat_that_also_joins_other_tensors_keeps_them():
+    """Fuse what can be fused: the Convs' outputs become one input of the Concat, the others stay."""
+    model = split_model(group=4, bias=True)
+    concat = model.graph.node[-1]
+    concat.input.insert(0, "x")  # the block's input joined in front (DenseNet-style), and its Relu behind
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["r"]))
+    concat.input.append("r")
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 32 + 32 + 32
+    result = _fused(model)
+    d = _only(result)
+    assert (d.kind, d.action, d.spec.group) == ("split", "fused", 4) and "inputs 1..4 of 6" in d.computes
+    (joined,) = [n for n in result.model.graph.node if n.op_type == "Concat"]
+    assert len(joined.input) == 3 and joined.input[0] == "x" and joined.input[2] == "r"
+    assert op_counts(result.model)["Conv"] == 1
