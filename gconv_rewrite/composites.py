@@ -576,6 +576,8 @@ def _finer(ix: GraphIndex, node: NodeProto) -> Composite | None:
     if isinstance(conv, str) or conv.spec.is_depthwise or conv.spec.c_out % conv.spec.group:
         return None
     w = conv.weight
+    if np.count_nonzero(w) == w.size:
+        return None  # no zero at all (the common case): as many groups as it says
     live = np.any(w.reshape(w.shape[0], w.shape[1], -1) != 0, axis=2)
     if 2 * int(live.sum(axis=1).max(initial=0)) > w.shape[1]:
         return None  # an output reads over half its inputs: no finer equal groups (the common case, decided fast)

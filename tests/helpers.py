@@ -43,3 +43,15 @@ def max_rel_err(a, b) -> float:
     """Largest absolute difference relative to the magnitude of `b` (the reference)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def canonical(model) -> tuple[dict, set]:
+    """What a model computes with, independent of node names: its ops (Identity aside) and the bytes of
+    its Convs' weights and biases (initializers or Constant nodes)."""
+    ops = {op: n for op, n in op_counts(model).items() if op not in ("Identity", "Constant")}
+    values = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            values[n.output[0]] = n.attribute[0].t
+    used = {name for n in model.graph.node if n.op_type == "Conv" for name in n.input[1:]}
+    return ops, {onnx.numpy_helper.to_array(values[name]).tobytes() for name in used if name in values}

@@ -8,7 +8,7 @@ import pytest
 
 import gconv_rewrite as gr
 
-from helpers import FIXTURES, max_rel_err, op_counts, run_ort
+from helpers import FIXTURES, MODELS, canonical, max_rel_err, op_counts, run_ort
 
 # fixture -> (what the fused region computes, substring of the decision's text)
 EMULATIONS = {
@@ -158,28 +158,32 @@ def test_mixconv_kernels_are_a_near_miss_with_the_reason():
 
 # -- closure: whatever form a model arrives in, auto makes the same model of it ---------------------------
 
-CLOSED = sorted(set(EMULATIONS) - {"tf_wrong_sum_multiplier"}) + NATIVE + sorted(SPLITS)
+CLOSED = sorted(set(EMULATIONS) - {"tf_wrong_sum_multiplier"}) + NATIVE + sorted(SPLITS) + [
+    f"models/{p.stem}" for p in sorted(MODELS.glob("*.onnx")) if p.stem != "resnext_wrong_emulation"]
 
 
-def _canonical(model):
-    """What a model computes with, independent of node names: ops, and the Convs' weights and biases."""
-    ops = {op: n for op, n in op_counts(model).items() if op != "Identity"}
-    conv_inputs = {name for n in model.graph.node if n.op_type == "Conv" for name in n.input[1:]}
-    weights = {onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.name in conv_inputs}
-    return ops, weights
+def _closure_case(name):
+    """A fixture with the framework's outputs, or a bundled sample with its own onnxruntime outputs."""
+    if not name.startswith("models/"):
+        return load_fixture(name)
+    model = onnx.load(MODELS / f"{name[len('models/'):]}.onnx")
+    rng = np.random.default_rng(0)
+    inputs = {i.name: rng.standard_normal([d.dim_value or 2 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+              for i in model.graph.input}
+    return model, inputs, run_ort(model, inputs)
 
 
 @pytest.mark.parametrize("name", CLOSED)
 def test_every_form_in_gives_the_same_auto_model_out(name):
-    model, inputs, expected = load_fixture(name)
+    model, inputs, expected = _closure_case(name)
     auto = gr.rewrite(model, "auto", verify_result=False)
-    want = _canonical(auto.model)
+    want = canonical(auto.model)
     for form in ("native", "dw", "split", "dense"):
         written = gr.rewrite(model, form=form, verify_result=False)
         assert {d.form for d in written.decisions} == {form}, [d.line() for d in written.decisions]
         assert_matches_framework(written.model, inputs, expected)
         again = gr.rewrite(written.model, "auto", verify_result=False)
-        assert _canonical(again.model) == want, form
+        assert canonical(again.model) == want, form
         for other in ("native", "dw", "split", "dense"):  # form Y in, form X out
             if other != form:
                 converted = gr.rewrite(written.model, form=other, verify_result=False)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import gconv_rewrite as gr
 from gconv_rewrite.samples import EQUIVALENT_LAYOUTS, grouped_conv_model
 
-from helpers import max_rel_err, op_counts, run_ort
+from helpers import canonical, max_rel_err, op_counts, run_ort
 
 TOLERANCE = {np.float32: 1e-5, np.float16: 1e-2}
 # GCONV_EXAMPLES=2000 for a long run; CI runs the default.
@@ -146,3 +146,23 @@ def test_every_form_from_every_source(geometry, layout, form):
         assert all(a.i == 1 for a in conv.attribute if a.name == "group")
     feed = random_input(sample, geometry)
     assert_same_outputs(sample.model, result.model, feed, geometry["dtype"])
+
+
+FORMS = ("native", "dw", "split", "dense")
+
+
+@SETTINGS
+@given(geometries(native=True), st.sampled_from(FORMS), st.sampled_from(FORMS))
+def test_any_form_in_any_form_out_and_auto_the_same(geometry, first, then):
+    """A grouped conv written in form `first` comes out in form `then` when forced, computing the same;
+    and `auto` makes the same model of it (ops, bit-identical weights) as of the native original."""
+    sample = grouped_conv_model("native", **geometry)
+    written = gr.rewrite(sample.model, form=first, verify_result=False)
+    assert {d.form for d in written.decisions} == {first}, [d.line() for d in written.decisions]
+    out = gr.rewrite(written.model, form=then, verify_result=False)
+    assert {d.form for d in out.decisions} == {then}, [d.line() for d in out.decisions]
+    onnx.checker.check_model(out.model, full_check=True)
+    assert_same_outputs(sample.model, out.model, random_input(sample, geometry), geometry["dtype"])
+    auto_native = gr.rewrite(sample.model, verify_result=False)
+    auto_written = gr.rewrite(written.model, verify_result=False)
+    assert canonical(auto_written.model) == canonical(auto_native.model)
