@@ -146,6 +146,7 @@ def find(ix: GraphIndex, taken: set[int], mixable: set[int]) -> list[Composite |
 
 
 def _guarded(fn, ix, node, kind, *args):
+    """fn(ix, *args); odd attributes or shapes it trips on make a near-miss of `node`, not a traceback."""
     try:
         return fn(ix, *args)
     except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError, AttributeError) as exc:
@@ -447,7 +448,7 @@ def _split_wiring(convs: list[_Conv], selections: list[np.ndarray], cmap: Channe
     bias_out, bias_val = [], []
     offset = row_base = 0
     for conv, sel in zip(convs, selections):
-        own_out, own_in, own_row = _own_pairs(conv)
+        _, own_in, own_row = _own_pairs(conv)
         cig = conv.weight.shape[1]
         mine = (v >= offset) & (v < offset + conv.spec.c_out)
         o, j = o_idx[mine], v[mine] - offset
@@ -462,7 +463,6 @@ def _split_wiring(convs: list[_Conv], selections: list[np.ndarray], cmap: Channe
             bias_val.append(conv.bias[j])
         offset += conv.spec.c_out
         row_base += own_row.size
-        del own_out
     bias = None
     if bias_out or cmap.bias is not None:
         bias = Bias(np.concatenate(bias_out) if bias_out else np.zeros(0, np.int64),

@@ -317,3 +317,19 @@ def test_a_concat_that_also_joins_other_tensors_keeps_them():
     (joined,) = [n for n in result.model.graph.node if n.op_type == "Concat"]
     assert len(joined.input) == 3 and joined.input[0] == "x" and joined.input[2] == "r"
     assert op_counts(result.model)["Conv"] == 1
+
+
+def test_split_joined_channels_last_in_another_order():
+    """Keras' layout: each Conv's output to NHWC, concatenated on the last axis, in another order."""
+    model = split_model(group=4, how="nhwc")
+    nodes = [n for n in model.graph.node if n.op_type != "Concat"]
+    nodes += [helper.make_node("Transpose", [f"c{i}"], [f"t{i}"], perm=[0, 2, 3, 1]) for i in range(4)]
+    nodes.append(helper.make_node("Concat", [f"t{i}" for i in (2, 0, 1, 3)], ["y"], axis=3))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims[1].dim_value, dims[3].dim_value = 12, 32
+    result = _fused(model)
+    d = _only(result)
+    assert d.spec.group == 4 and "permutation" in d.computes
+    assert op_counts(result.model) == {"Gather": 1, "Conv": 1, "Transpose": 1}
