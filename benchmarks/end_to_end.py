@@ -24,7 +24,8 @@ MODELS = os.path.join(HERE, "..", "models")
 SAMPLES = ["resnext_native", "resnext_emulated_nchw", "resnext_emulated_tf", "resnext_sum_slices",
            "resnext_frozen_1x1", "resnext_interleaved"]
 R50_LAYOUTS = [("native", {}), ("nhwc_tf2onnx", {"pad_node": True}), ("nhwc_sum_slices", {}), ("frozen_1x1", {}),
-               ("nchw_reducesum", {}), ("split", {}), ("dense", {})]  # split, dense: the tool's own --form outputs
+               ("nchw_reducesum", {}), ("split_slices", {}), ("split_nhwc", {}),
+               ("split", {}), ("dense", {})]  # split, dense: the tool's own --form outputs
 
 
 def row(name, model, twin, rounds, provider="cpu"):

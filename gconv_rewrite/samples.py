@@ -66,7 +66,13 @@ LAYOUTS = (
     "frozen_1x1",
     "interleaved",
     "wrong_sum_multiplier",
+    "split_slices",
+    "split_nhwc",
+    "dense",
 )
+# Layouts that write the grouped conv with plain Convs: sliced (Keras Lambda slices through tf2onnx),
+# split channels-last (tf.split through tf2onnx), or one Conv with block-diagonal weights.
+_WRITTEN = ("split_slices", "split_nhwc", "dense")
 # Layouts that compute a grouped Conv (``interleaved`` up to an input-channel permutation).
 EQUIVALENT_LAYOUTS = tuple(lay for lay in LAYOUTS if lay != "wrong_sum_multiplier")
 
@@ -292,6 +298,37 @@ def _to_nhwc(rank: int) -> list[int]:
     return [0, *range(2, rank + 2), 1]
 
 
+def _emit_written(g: _Graph, x: str, geo: _Geometry, layout: str, w: np.ndarray, b: np.ndarray | None,
+                  attrs: dict, base: str) -> str:
+    """The grouped conv written with plain Convs (`_WRITTEN`), native weights w, b; returns its output."""
+    G, cig, cog, r = geo.groups, geo.cig, geo.cog, geo.rank
+    if layout == "dense":
+        dense = np.zeros((geo.c_out, geo.c_in) + w.shape[2:], dtype=w.dtype)
+        for i in range(G):
+            dense[i * cog:(i + 1) * cog, i * cig:(i + 1) * cig] = w[i * cog:(i + 1) * cog]
+        ins = [x, g.const(f"{base}.weight", dense)] + ([g.const(f"{base}.bias", b)] if b is not None else [])
+        return g.op("Conv", ins, f"{base}/Conv", **attrs)
+    if layout == "split_slices":
+        parts = [g.slice(x, i * cig, (i + 1) * cig, 1, f"{base}/Slice") for i in range(G)]
+    else:
+        t = g.op("Transpose", [x], f"{base}/to_nhwc", perm=_to_nhwc(r))
+        names = [g.name(f"{base}/Split_out") for _ in range(G)]
+        if g.opset < 13:
+            g.nodes.append(helper.make_node("Split", [t], names, name=g.name(f"{base}/Split"), axis=r + 1,
+                                            split=[cig] * G))
+        else:
+            g.nodes.append(helper.make_node("Split", [t, g.ints(f"{base}/split", [cig] * G)], names,
+                                            name=g.name(f"{base}/Split"), axis=r + 1))
+        parts = [g.op("Transpose", [p], f"{base}/to_nchw", perm=[0, r + 1, *range(1, r + 1)]) for p in names]
+    outs = []
+    for i, part in enumerate(parts):
+        ins = [part, g.const(f"{base}.weight{i}", w[i * cog:(i + 1) * cog])]
+        if b is not None:
+            ins.append(g.const(f"{base}.bias{i}", b[i * cog:(i + 1) * cog]))
+        outs.append(g.op("Conv", ins, f"{base}/Conv", **attrs))
+    return g.op("Concat", outs, f"{base}/Concat", axis=1)
+
+
 def _to_nchw(rank: int) -> list[int]:
     return [0, rank + 1, *range(1, rank + 1)]
 
@@ -319,6 +356,8 @@ def _emit_conv(
         return g.op("Conv", ins, f"{base}/Conv", **attrs)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if layout in _WRITTEN:
+        return _emit_written(g, x, geo, layout, w, b, {**attrs, "group": 1}, base)
 
     interleaved = layout == "interleaved"
     attrs["group"] = geo.c_in

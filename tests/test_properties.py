@@ -87,7 +87,8 @@ def test_fuse_every_layout(geometry, layout, pad_node):
     sample = grouped_conv_model(layout, pad_node=pad_node and geometry["auto_pad"] == "NOTSET", **geometry)
     result = gr.rewrite(sample.model, "fuse", verify_result=False)
     cig = geometry["in_channels"] // geometry["groups"]
-    if cig == 1 and layout == "frozen_1x1":  # G = C_in: a depthwise Conv and a 1x1 Conv that only permutes
+    if cig == 1 and layout in ("frozen_1x1", "split_slices", "split_nhwc", "dense"):
+        # G = C_in: a depthwise Conv and a 1x1 Conv that only permutes, or C_in one-channel Convs
         assert [d.action for d in result.decisions] == ["fused"], [d.line() for d in result.decisions]
         assert result.decisions[0].form == "depthwise" and op_counts(result.model)["Conv"] == 1
         assert_same_outputs(sample.model, result.model, random_input(sample, geometry), geometry["dtype"])
