@@ -7,6 +7,7 @@ twin, result)` timing the rewritten model against the native model with the same
 Both timings are interleaved rounds in one process (see verify.measure_latency).
 
     python benchmarks/end_to_end.py [--rounds 10] [--skip-resnext50] [--provider cuda] [--only split dense]
+        [--pair EXPORTED.onnx NATIVE_TWIN.onnx ...]
 """
 
 from __future__ import annotations
@@ -52,9 +53,16 @@ def main() -> None:
     parser.add_argument("--skip-resnext50", action="store_true")
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--only", nargs="*", help="ResNeXt-50 layouts to run (default: the samples and every layout)")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("MODEL", "TWIN"), default=[],
+                        help="also an exported model and its natively exported twin (repeatable); only these "
+                             "with --only and no layouts")
     args = parser.parse_args()
     print("| model | decisions | auto vs input (speedup) | auto result / native twin (time ratio) | wall |")
     print("|---|---|---|---|---|")
+    for model, twin in args.pair:
+        row(os.path.basename(model), model, twin, args.rounds, args.provider)
+    if args.pair and args.only == []:
+        return
     native = os.path.join(MODELS, "resnext_native.onnx")
     for name in SAMPLES if not args.only else []:
         path = os.path.join(MODELS, f"{name}.onnx")
