@@ -29,7 +29,7 @@ from .channelmap import (
 from .composites import Composite
 from .geometry import ConvSpec, spec_from_conv
 from .graph import GraphIndex, ShapeTable, attr
-from .lowering import Grouping, NotFusable, solve_grouping
+from .lowering import Grouping, NotFusable, fuse_weights, overflows, solve_grouping
 from .tracing import TraceSizes, conv_output_sizes, grow_region, propagate_to, valid_cuts
 
 _NOT_REWRITTEN = {
@@ -48,7 +48,7 @@ SKIP_CODES = frozenset({
     "size_dependent", "not_a_channel_move", "not_a_channel_map", "not_a_single_conv", "nothing_summed",
     "no_single_exit", "too_large", "weight_not_constant", "bias_not_constant", "weight_dtype", "quantized",
     "transposed", "inconsistent", "no_such_form", "opset_too_old", "in_function", "unequal_convs",
-    "not_channel_slices", "optimized", "other"})
+    "not_channel_slices", "optimized", "overflow", "other"})
 _MAX_TRACE_ELEMENTS = 1 << 27
 
 
@@ -271,6 +271,9 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
     spec = spec_from_conv(dw, (grouping.c_out, grouping.cig) + tuple(weight.shape[2:]), weight.dtype,
                           ix.shape(dw.input[0]), out_shape)
     spec = ConvSpec(**{**spec.__dict__, "group": grouping.group, "c_in": grouping.c_in})
+    if weight.dtype == np.float16 and overflows(*fuse_weights(grouping, cmap, weight, dw_bias, multiplier)):
+        return Skip(dw, "emulation", "its fused kernels or bias overflow float16 (a sum of kernels beyond the type's "
+                    "range)", spec, code="overflow")
     return Emulation(dw, spec, nodes, output, cmap, grouping, weight, dw_bias)
 
 

@@ -25,7 +25,7 @@ from onnx import NodeProto
 from .channelmap import ChannelMap, NotAChannelMove, Traced, classify_output, source
 from .geometry import ConvSpec, conv_attributes, spec_from_conv
 from .graph import GraphIndex, attr
-from .lowering import Bias, Grouping, NotFusable, place_kernels, solve_pairs
+from .lowering import Bias, Grouping, NotFusable, overflows, place_kernels, solve_pairs
 from .tracing import (
     TraceSizes,
     conv_output_sizes,
@@ -120,8 +120,7 @@ def find(ix: GraphIndex, taken: set[int], mixable: set[int]) -> list[Composite |
     used = set(taken)
     for node in ix.nodes:
         if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
-            convs = _joined_convs(ix, node, used)
-            if len(convs) >= 2:
+            for convs in _by_source(ix, _joined_convs(ix, node, used)):
                 result = _guarded(_split, ix, convs[0], "split", convs, node)
                 if result is not None:
                     found.append(result)
@@ -177,6 +176,29 @@ def _joined_convs(ix: GraphIndex, concat: NodeProto, used: set[int]) -> list[Nod
         if conv is not None and id(conv) not in used and all(c is not conv for c in convs):
             convs.append(conv)
     return sorted(convs, key=ix.pos)
+
+
+def _by_source(ix: GraphIndex, convs: list[NodeProto]) -> list[list[NodeProto]]:
+    """The Convs behind one Concat, grouped by the tensor they read channel ranges of (a DenseNet-style
+    Concat also joins Convs of other tensors); of a group, Convs that read that tensor whole are not
+    part of its split form (they stay other inputs of the Concat). Groups of two or more."""
+    memo: dict = {}
+    chains = [_chain_up(ix, n.input[0], memo) for n in convs]
+    groups: list[tuple[set, list[int]]] = []
+    for i, chain in enumerate(chains):
+        mine = set(chain)
+        joined = [g for g in groups if g[0] & mine]
+        for g in joined:
+            groups.remove(g)
+        groups.append((mine.union(*(g[0] for g in joined)), sorted([i] + [k for g in joined for k in g[1]])))
+    result = []
+    for _, members in groups:
+        sliced = [k for k in members if len(chains[k]) > 1 and not any(chains[k][0] in chains[j][1:]
+                                                                       for j in members if j != k)]
+        keep = sliced if len(sliced) >= 2 else members
+        if len(keep) >= 2:
+            result.append([convs[k] for k in keep])
+    return result
 
 
 def _chain_up(ix: GraphIndex, name: str, memo: dict) -> list[str]:
@@ -245,9 +267,8 @@ def _geometry_key(conv: _Conv) -> tuple:
 
 
 def _differ(a: _Conv, b: _Conv) -> str:
-    for what, x, y in (("kernel", a.spec.kernel, b.spec.kernel), ("strides", a.spec.strides, b.spec.strides),
-                       ("dilations", a.spec.dilations, b.spec.dilations), ("pads", a.spec.pads, b.spec.pads),
-                       ("auto_pad", a.spec.auto_pad, b.spec.auto_pad), ("dtype", a.spec.dtype, b.spec.dtype)):
+    for what in ("kernel", "strides", "dilations", "auto_pad", "pads", "dtype"):
+        x, y = getattr(a.spec, what), getattr(b.spec, what)
         if x != y:
             return f"{what} {x} ({node_label(a.node)}) vs {y} ({node_label(b.node)})"
     return ""
@@ -270,7 +291,9 @@ def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto) -> Composi
     for n in nodes:
         conv = _conv(ix, n)
         if isinstance(conv, str):
-            return miss(conv, "weight_not_constant" if "not a constant" in conv else "weight_dtype")
+            code = "weight_dtype" if "not a constant" not in conv else (
+                "bias_not_constant" if "the bias" in conv else "weight_not_constant")
+            return miss(conv, code)
         convs.append(conv)
     for c in convs[1:]:
         if _geometry_key(c) != _geometry_key(convs[0]):
@@ -278,28 +301,44 @@ def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto) -> Composi
     try:
         x, x_layout, selections = _read_slices(ix, convs, chains, common)
         _check_cover(convs, selections, _channels(ix, x, x_layout))
-        rejoin = None
-        try:
-            region, cut, output, cmap = _joined(ix, convs)
-        except NotAChannelMove:
-            rejoin = _run_in(ix, convs, concat)
-            if rejoin is None:
-                raise
-            region, cut, output, cmap = [concat], 0, concat.output[0], _run_map(convs, concat, rejoin)
-        wiring = _split_wiring(convs, selections, cmap)
-        grouping = solve_pairs(wiring.out, wiring.inp, len(cmap.terms), _channels(ix, x, x_layout))
+        found = _first_grouped(ix, convs, concat, selections, _channels(ix, x, x_layout))
     except NotAChannelMove as exc:
         return miss(str(exc), exc.code, convs[0].spec)
     except NotFusable as exc:
         return miss(f"they do not compute a single Conv: {exc}", "not_a_single_conv", convs[0].spec)
+    region, cut, output, cmap, wiring, grouping, rejoin = found
     replaced = sorted([c.node for c in convs] + region[:cut + 1], key=ix.pos)
     written = sum(c.spec.group for c in convs)
     found = _composite(ix, "split", "split", written, convs[0], x, x_layout, replaced, output, cmap.layout,
                        grouping, wiring, f"Split -> {len(convs)} Convs -> Concat")
-    if rejoin is not None:
+    if rejoin is not None and isinstance(found, Composite):
         found.rejoin = (concat,) + rejoin
         found.found_as += f" (inputs {rejoin[0]}..{rejoin[1] - 1} of {len(concat.input)})"
     return found
+
+
+def _first_grouped(ix: GraphIndex, convs: list[_Conv], concat: NodeProto, selections, channels: int):
+    """The deepest join of the Convs that is one grouped Conv: (region, cut, exit, channel map, wiring,
+    grouping, rejoin); an op after the Concat that sums or drops channels leaves the Concat itself.
+    A Concat that also joins other tensors: its run of the Convs' outputs (`rejoin`)."""
+    first: Exception | None = None
+    try:
+        for region, cut, output, cmap in _joined(ix, convs):
+            wiring = _split_wiring(convs, selections, cmap)
+            try:
+                return region, cut, output, cmap, wiring, solve_pairs(wiring.out, wiring.inp, len(cmap.terms),
+                                                                      channels), None
+            except NotFusable as exc:
+                first = first or exc
+    except NotAChannelMove as exc:
+        first = first or exc
+    rejoin = _run_in(ix, convs, concat)
+    if rejoin is None:
+        raise first if first is not None else NotAChannelMove("no join", code="no_single_exit")
+    cmap = _run_map(convs, concat, rejoin)
+    wiring = _split_wiring(convs, selections, cmap)
+    return [concat], 0, concat.output[0], cmap, wiring, solve_pairs(wiring.out, wiring.inp, len(cmap.terms),
+                                                                    channels), rejoin
 
 
 def _run_in(ix: GraphIndex, convs: list[_Conv], concat: NodeProto) -> tuple[int, int] | None:
@@ -351,7 +390,7 @@ def _read_slices(ix: GraphIndex, convs: list[_Conv], chains, common: list[str]):
     each input channel is. The nearest common tensor channels-first is preferred; then farther
     ones (a Transpose to channels-last and back is seen through), then channels-last ones."""
     rank = convs[0].weight.ndim
-    reason = ""
+    reason, code = "", "not_channel_slices"
     for layout in ("NC", "NLC"):
         for x in common[:4]:
             shape = ix.shape(x)
@@ -365,8 +404,9 @@ def _read_slices(ix: GraphIndex, convs: list[_Conv], chains, common: list[str]):
             try:
                 return x, layout, _selections(ix, convs, chains, x, layout, sizes)
             except NotAChannelMove as exc:
-                reason = reason or str(exc)
-    raise NotAChannelMove(f"their inputs are not channel ranges of one tensor: {reason}", code="not_channel_slices")
+                if not reason:
+                    reason, code = str(exc), ("size_dependent" if exc.code == "size_dependent" else code)
+    raise NotAChannelMove(f"their inputs are not channel ranges of one tensor: {reason}", code=code)
 
 
 def _selections(ix, convs, chains, x, layout, sizes: TraceSizes) -> list[np.ndarray]:
@@ -407,10 +447,10 @@ def _selections(ix, convs, chains, x, layout, sizes: TraceSizes) -> list[np.ndar
     return selections
 
 
-def _joined(ix: GraphIndex, convs: list[_Conv]) -> tuple[list[NodeProto], int, str, ChannelMap]:
-    """The region after the Convs up to the deepest cut whose content is their outputs' channels
-    (reordered, maybe summed, maybe laid out channels-last): region, cut, the cut tensor, and its
-    channel map over the Convs' outputs laid end to end."""
+def _joined(ix: GraphIndex, convs: list[_Conv]):
+    """The cuts of the region after the Convs whose content is their outputs' channels (reordered,
+    maybe summed, maybe laid out channels-last), deepest first: (region, cut, the cut tensor, its
+    channel map over the Convs' outputs laid end to end). Raises the deepest reason when none is."""
     starts = [c.node.output[0] for c in convs]
     region, boundary, _ = grow_region(ix, starts)
     cuts, why = valid_cuts(ix, starts, region, what="a Conv's output")
@@ -433,9 +473,11 @@ def _joined(ix: GraphIndex, convs: list[_Conv]) -> tuple[list[NodeProto], int, s
             first = first or NotAChannelMove(f"their join '{out}': {exc}", code=exc.code)
             continue
         if (cmap.terms >= 0).any(axis=1).all():
-            return region, cut, out, cmap
+            yield region, cut, out, cmap
+            continue
         first = first or NotAChannelMove(f"their join '{out}' has channels that read no Conv", code="not_a_channel_map")
-    raise first if first is not None else NotAChannelMove("no cut", code="no_single_exit")
+    if first is not None:
+        raise first
 
 
 def _split_wiring(convs: list[_Conv], selections: list[np.ndarray], cmap: ChannelMap) -> _Wiring:
@@ -598,9 +640,12 @@ def _finer(ix: GraphIndex, node: NodeProto) -> Composite | None:
 
 
 def _composite(ix, kind, was, written, conv: _Conv, x, x_layout, replaced, output, layout, grouping: Grouping,
-               wiring: _Wiring, found_as: str) -> Composite:
+               wiring: _Wiring, found_as: str) -> Composite | NearMiss:
     weight, bias = place_kernels(grouping, wiring.out, wiring.inp, wiring.kernels, wiring.which, wiring.bias,
                                  conv.weight.dtype)
+    if overflows(weight, bias):
+        return NearMiss(conv.node, kind, f"{found_as}: its fused kernels or bias overflow {weight.dtype} (a product "
+                        "or sum of kernels beyond the type's range)", "overflow", conv.spec)
     x_shape = ix.shape(x)
     if x_shape is not None and x_layout == "NLC":
         x_shape = (x_shape[0], x_shape[-1]) + tuple(x_shape[1:-1])

@@ -117,8 +117,10 @@ def solve_grouping(cmap: ChannelMap, multiplier: int, c_in: int) -> Grouping:
 
 
 def solve_pairs(out: np.ndarray, inp: np.ndarray, c_out: int, c_in: int) -> Grouping:
-    """The finest grouped Conv whose connections include every (output, input) channel pair given
-    (pairs may repeat: a kernel that sums several), up to channel permutations; NotFusable otherwise.
+    """A grouped Conv whose connections include every (output, input) channel pair given (pairs may
+    repeat: a kernel that sums several): the most groups that need no channel permutation, else the
+    finest grouping up to permutations (a permutation costs a Gather where it cannot be folded);
+    NotFusable when there is none.
 
     One solver for every form a model arrives in: the pairs come from an emulation's channel map,
     from a block-diagonal weight's nonzero blocks, or from the slices a split form's convs read.
@@ -229,7 +231,8 @@ def place_kernels(grouping: Grouping, out: np.ndarray, inp: np.ndarray, kernels:
     p = pos_in[inp] - (q // cog) * cig
     acc = np.zeros((c_out, cig) + kernels.shape[1:], dtype=np.float64)
     np.add.at(acc, (q, p), kernels[which].astype(np.float64))
-    weight = acc.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is refused by the caller (`overflows`), not warned about
+        weight = acc.astype(dtype)
     if bias is None:
         return weight, None
     total = np.zeros(c_out, dtype=np.float64)
@@ -237,7 +240,14 @@ def place_kernels(grouping: Grouping, out: np.ndarray, inp: np.ndarray, kernels:
         np.add.at(total, pos_out[bias.out], np.asarray(bias.values, dtype=np.float64))
     if bias.extra is not None:
         total[pos_out] += bias.extra
-    return weight, total.astype(dtype)
+    with np.errstate(over="ignore"):
+        return weight, total.astype(dtype)
+
+
+def overflows(weight: np.ndarray, bias: np.ndarray | None) -> bool:
+    """A fused weight or bias that is not finite (float16: a product or sum of finite kernels beyond
+    65504): the fused Conv would not compute what the region does."""
+    return not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all())
 
 
 def _inverse(perm: np.ndarray | None, n: int) -> np.ndarray:

@@ -333,3 +333,54 @@ def test_split_joined_channels_last_in_another_order():
     d = _only(result)
     assert d.spec.group == 4 and "permutation" in d.computes
     assert op_counts(result.model) == {"Gather": 1, "Conv": 1, "Transpose": 1}
+
+
+def test_densenet_style_concat_with_convs_of_other_tensors():
+    """The Concat also joins a Conv of the whole input and a Conv of another tensor: the split form's
+    Convs are fused, the other two stay inputs of the Concat."""
+    model = split_model(group=2, cig=4, cog=4, bias=False)
+    concat = model.graph.node[-1]
+    extra = {"wz": RNG.standard_normal((4, 8, 3, 3)).astype(np.float32),
+             "wr": RNG.standard_normal((4, 8, 1, 1)).astype(np.float32)}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in extra.items())
+    nodes = [helper.make_node("Conv", ["x", "wz"], ["whole"], name="whole", pads=[1] * 4),
+             helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "wr"], ["other"], name="other")]
+    for n in reversed(nodes):
+        model.graph.node.insert(0, n)
+    concat.input.extend(["whole", "other"])
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 16
+    d = _only(_fused(model))
+    assert (d.kind, d.spec.group) == ("split", 2) and "inputs 0..1 of 4" in d.computes
+
+
+def test_an_op_after_the_concat_that_sums_channels_leaves_the_concat_fused():
+    model = split_model(group=2, cig=4, cog=4)
+    concat = model.graph.node[-1]
+    concat.output[0] = "joined"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    model.graph.node.append(helper.make_node("ReduceSum", ["joined", "axes"], ["y"], keepdims=1))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    result = _fused(model)
+    assert _only(result).spec.group == 2 and op_counts(result.model)["ReduceSum"] == 1
+
+
+def test_float16_kernels_that_would_overflow_are_refused():
+    """Add(concat, concat) doubles every kernel: 60000 fits float16, 120000 does not."""
+    model = split_model(group=2, cig=4, cog=4, bias=False)
+    for t in model.graph.initializer:
+        if t.name.startswith("w"):
+            t.CopyFrom(numpy_helper.from_array(np.full((4, 4, 3, 3), 6e4, np.float16), t.name))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    concat = model.graph.node[-1]
+    concat.output[0] = "joined"
+    model.graph.node.append(helper.make_node("Add", ["joined", "joined"], ["y"]))
+    d = _skip(model)
+    assert d.code == "overflow" and "float16" in d.reason
+
+
+def test_a_bias_that_is_not_constant_says_so():
+    model = split_model(group=2)
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "b1"))
+    model.graph.input.append(helper.make_tensor_value_info("b1", 1, [8]))
+    assert _skip(model).code == "bias_not_constant"
