@@ -120,8 +120,8 @@ def find(ix: GraphIndex, taken: set[int], mixable: set[int]) -> list[Composite |
     used = set(taken)
     for node in ix.nodes:
         if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
-            for convs in _by_source(ix, _joined_convs(ix, node, used)):
-                result = _guarded(_split, ix, convs[0], "split", convs, node)
+            for convs in _by_source(ix, _joined_convs(ix, node, used), used):
+                result = _guarded(_split, ix, convs[0], "split", convs, node, used)
                 if result is not None:
                     found.append(result)
                     if isinstance(result, Composite):
@@ -178,12 +178,12 @@ def _joined_convs(ix: GraphIndex, concat: NodeProto, used: set[int]) -> list[Nod
     return sorted(convs, key=ix.pos)
 
 
-def _by_source(ix: GraphIndex, convs: list[NodeProto]) -> list[list[NodeProto]]:
+def _by_source(ix: GraphIndex, convs: list[NodeProto], used: set[int]) -> list[list[NodeProto]]:
     """The Convs behind one Concat, grouped by the tensor they read channel ranges of (a DenseNet-style
     Concat also joins Convs of other tensors); of a group, Convs that read that tensor whole are not
     part of its split form (they stay other inputs of the Concat). Groups of two or more."""
     memo: dict = {}
-    chains = [_chain_up(ix, n.input[0], memo) for n in convs]
+    chains = [_chain_up(ix, n.input[0], memo, used) for n in convs]
     groups: list[tuple[set, list[int]]] = []
     for i, chain in enumerate(chains):
         mine = set(chain)
@@ -201,12 +201,13 @@ def _by_source(ix: GraphIndex, convs: list[NodeProto]) -> list[list[NodeProto]]:
     return result
 
 
-def _chain_up(ix: GraphIndex, name: str, memo: dict) -> list[str]:
-    """`name` and the tensors above it through channel-moving ops, nearest first."""
+def _chain_up(ix: GraphIndex, name: str, memo: dict, used: set[int]) -> list[str]:
+    """`name` and the tensors above it through channel-moving ops, nearest first; not through an op
+    another candidate rewrites (its output survives the rewrite, what is above it may not)."""
     chain = [name]
     for _ in range(_MAX_WALK):
         node = ix.producer.get(name)
-        if (node is None or node.op_type not in _SLICE_MOVES or node.domain not in ("", "ai.onnx")
+        if (node is None or node.op_type not in _SLICE_MOVES or node.domain not in ("", "ai.onnx") or id(node) in used
                 or not all(not n or shape_computable(ix, n, memo) for n in node.input[1:])):
             break
         name = node.input[0]
@@ -276,9 +277,9 @@ def _differ(a: _Conv, b: _Conv) -> str:
 
 # -- the split form --------------------------------------------------------------------------------
 
-def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto) -> Composite | NearMiss | None:
+def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto, used: set[int]) -> Composite | NearMiss | None:
     memo: dict = {}
-    chains = [_chain_up(ix, n.input[0], memo) for n in nodes]
+    chains = [_chain_up(ix, n.input[0], memo, used) for n in nodes]
     common = [t for t in chains[0] if all(t in c for c in chains[1:])]
     if not common or all(n.input[0] == nodes[0].input[0] for n in nodes):
         return None  # Convs of different tensors, or all of one whole tensor (Inception, SqueezeNet): not a split

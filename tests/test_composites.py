@@ -384,3 +384,27 @@ def test_a_bias_that_is_not_constant_says_so():
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "b1"))
     model.graph.input.append(helper.make_tensor_value_info("b1", 1, [8]))
     assert _skip(model).code == "bias_not_constant"
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_split_of_a_fused_emulations_output_does_not_reach_into_it(opset):
+    """Depthwise Conv -> channel shuffle (an emulation region, fused) -> Split -> 2 Convs -> Concat: the
+    split form reads the region's exit, never a tensor inside it that the other fusion removes (found by
+    benchmarks/fuzz_composites.py: the rewritten model read a tensor nothing produced)."""
+    inits = {"dw": RNG.standard_normal((8, 1, 3, 3)).astype(np.float32),
+             "w0": RNG.standard_normal((3, 4, 1, 1)).astype(np.float32),
+             "w1": RNG.standard_normal((3, 4, 1, 1)).astype(np.float32),
+             "r1": np.array([2, 2, 4, 49], np.int64), "sz": np.array([4, 4], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["d"], group=8, pads=[1] * 4),
+             helper.make_node("Shape", ["d"], ["dsh"]), helper.make_node("Reshape", ["d", "r1"], ["d1"]),
+             helper.make_node("Transpose", ["d1"], ["d2"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["d2", "dsh"], ["m"]),
+             helper.make_node("Split", ["m", "sz"] if opset >= 13 else ["m"], ["a", "b"], axis=1,
+                              **({} if opset >= 13 else {"split": [4, 4]})),
+             helper.make_node("Conv", ["a", "w0"], ["c0"]), helper.make_node("Conv", ["b", "w1"], ["c1"]),
+             helper.make_node("Concat", ["c0", "c1"], ["y"], axis=1)]
+    if opset < 13:
+        del inits["sz"]
+    model = _model(nodes, inits, [2, 8, 7, 7], [2, 6, 7, 7], opset=opset)
+    result = _fused(model)  # a valid model that computes the same, whatever was fused
+    assert any(d.action == "fused" for d in result.decisions)
