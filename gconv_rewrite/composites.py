@@ -237,18 +237,18 @@ class _Conv:
     spec: ConvSpec
 
 
-def _conv(ix: GraphIndex, node: NodeProto) -> _Conv | str:
-    """A Conv's constant weight, bias and geometry, or why they cannot be used."""
+def _conv(ix: GraphIndex, node: NodeProto) -> _Conv | tuple[str, str]:
+    """A Conv's constant weight, bias and geometry, or why they cannot be used (reason, skip code)."""
     weight = ix.constant(node.input[1])
     if weight is None:
-        return f"the weight of Conv {node_label(node)} is not a constant"
+        return f"the weight of Conv {node_label(node)} is not a constant", "weight_not_constant"
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = ix.constant(node.input[2])
         if bias is None:
-            return f"the bias of Conv {node_label(node)} is not a constant"
+            return f"the bias of Conv {node_label(node)} is not a constant", "bias_not_constant"
     if weight.dtype.kind != "f" or weight.ndim < 3:
-        return f"Conv {node_label(node)} has a {weight.dtype} weight of rank {weight.ndim}"
+        return f"Conv {node_label(node)} has a {weight.dtype} weight of rank {weight.ndim}", "weight_dtype"
     spec = spec_from_conv(node, weight.shape, weight.dtype, ix.shape(node.input[0]), ix.shape(node.output[0]))
     return _Conv(node, weight, bias, spec)
 
@@ -291,10 +291,8 @@ def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto, used: set[
     convs = []
     for n in nodes:
         conv = _conv(ix, n)
-        if isinstance(conv, str):
-            code = "weight_dtype" if "not a constant" not in conv else (
-                "bias_not_constant" if "the bias" in conv else "weight_not_constant")
-            return miss(conv, code)
+        if not isinstance(conv, _Conv):
+            return miss(*conv)
         convs.append(conv)
     for c in convs[1:]:
         if _geometry_key(c) != _geometry_key(convs[0]):
@@ -523,7 +521,7 @@ def _mixed(ix: GraphIndex, kernel_node: NodeProto, mixer_node: NodeProto) -> Com
     (summed where a row mixes several of a group), as every fusion, proven by verification.
     """
     conv, mixer = _conv(ix, kernel_node), _conv(ix, mixer_node)
-    if (isinstance(conv, str) or isinstance(mixer, str) or not conv.spec.is_depthwise
+    if (not isinstance(conv, _Conv) or not isinstance(mixer, _Conv) or not conv.spec.is_depthwise
             or conv.spec.dtype != mixer.spec.dtype):
         return None
     mid = mixer_node.input[0]
@@ -616,7 +614,7 @@ def _finer(ix: GraphIndex, node: NodeProto) -> Composite | None:
     if dims is None or len(dims) < 3:
         return None
     conv = _conv(ix, node)
-    if isinstance(conv, str) or conv.spec.is_depthwise or conv.spec.c_out % conv.spec.group:
+    if not isinstance(conv, _Conv) or conv.spec.is_depthwise or conv.spec.c_out % conv.spec.group:
         return None
     w = conv.weight
     if np.count_nonzero(w) == w.size:
