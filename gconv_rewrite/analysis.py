@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 
 import numpy as np
@@ -270,7 +270,7 @@ def _emulation(ix: GraphIndex, dw: NodeProto) -> Candidate | None:
         out_shape = (out_shape[0], out_shape[-1]) + tuple(out_shape[1:-1])
     spec = spec_from_conv(dw, (grouping.c_out, grouping.cig) + tuple(weight.shape[2:]), weight.dtype,
                           ix.shape(dw.input[0]), out_shape)
-    spec = ConvSpec(**{**spec.__dict__, "group": grouping.group, "c_in": grouping.c_in})
+    spec = replace(spec, group=grouping.group, c_in=grouping.c_in)
     if weight.dtype == np.float16 and overflows(*fuse_weights(grouping, cmap, weight, dw_bias, multiplier)):
         return Skip(dw, "emulation", "its fused kernels or bias overflow float16 (a sum of kernels beyond the type's "
                     "range)", spec, code="overflow")

@@ -17,7 +17,7 @@ to channel permutations, and `lowering.place_kernels` writes its weight. Zeros a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import NodeProto
@@ -25,7 +25,7 @@ from onnx import NodeProto
 from .channelmap import ChannelMap, NotAChannelMove, Traced, classify_output, source
 from .geometry import ConvSpec, conv_attributes, spec_from_conv
 from .graph import GraphIndex, attr
-from .lowering import Bias, Grouping, NotFusable, overflows, place_kernels, solve_pairs
+from .lowering import Bias, Grouping, NotFusable, dense_weights, overflows, place_kernels, solve_pairs
 from .tracing import (
     TraceSizes,
     conv_output_sizes,
@@ -120,8 +120,8 @@ def find(ix: GraphIndex, taken: set[int], mixable: set[int]) -> list[Composite |
     used = set(taken)
     for node in ix.nodes:
         if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
-            for convs in _by_source(ix, _joined_convs(ix, node, used), used):
-                result = _guarded(_split, ix, convs[0], "split", convs, node, used)
+            for convs, chains in _by_source(ix, _joined_convs(ix, node, used), used):
+                result = _guarded(_split, ix, convs[0], "split", convs, chains, node)
                 if result is not None:
                     found.append(result)
                     if isinstance(result, Composite):
@@ -178,10 +178,11 @@ def _joined_convs(ix: GraphIndex, concat: NodeProto, used: set[int]) -> list[Nod
     return sorted(convs, key=ix.pos)
 
 
-def _by_source(ix: GraphIndex, convs: list[NodeProto], used: set[int]) -> list[list[NodeProto]]:
+def _by_source(ix: GraphIndex, convs: list[NodeProto], used: set[int]) -> list[tuple[list[NodeProto], list]]:
     """The Convs behind one Concat, grouped by the tensor they read channel ranges of (a DenseNet-style
     Concat also joins Convs of other tensors); of a group, Convs that read that tensor whole are not
-    part of its split form (they stay other inputs of the Concat). Groups of two or more."""
+    part of its split form (they stay other inputs of the Concat). Groups of two or more, each with
+    its Convs' chains (`_chain_up`)."""
     memo: dict = {}
     chains = [_chain_up(ix, n.input[0], memo, used) for n in convs]
     groups: list[tuple[set, list[int]]] = []
@@ -197,7 +198,7 @@ def _by_source(ix: GraphIndex, convs: list[NodeProto], used: set[int]) -> list[l
                                                                        for j in members if j != k)]
         keep = sliced if len(sliced) >= 2 else members
         if len(keep) >= 2:
-            result.append([convs[k] for k in keep])
+            result.append(([convs[k] for k in keep], [chains[k] for k in keep]))
     return result
 
 
@@ -277,9 +278,8 @@ def _differ(a: _Conv, b: _Conv) -> str:
 
 # -- the split form --------------------------------------------------------------------------------
 
-def _split(ix: GraphIndex, nodes: list[NodeProto], concat: NodeProto, used: set[int]) -> Composite | NearMiss | None:
-    memo: dict = {}
-    chains = [_chain_up(ix, n.input[0], memo, used) for n in nodes]
+def _split(ix: GraphIndex, nodes: list[NodeProto], chains: list[list[str]], concat: NodeProto
+           ) -> Composite | NearMiss | None:
     common = [t for t in chains[0] if all(t in c for c in chains[1:])]
     if not common or all(n.input[0] == nodes[0].input[0] for n in nodes):
         return None  # Convs of different tensors, or all of one whole tensor (Inception, SqueezeNet): not a split
@@ -531,20 +531,24 @@ def _mixed(ix: GraphIndex, kernel_node: NodeProto, mixer_node: NodeProto) -> Com
         region, cut = [], -1
         cmap = ChannelMap(np.arange(conv.spec.c_out)[:, None], None, "NC")
     else:
-        region, cut, cmap = _region_to(ix, conv, mid)
-        if region is None:
+        try:  # the cut of the region after the Conv that the 1x1 Conv reads
+            found = next(((r, c, m) for r, c, out, m in _joined(ix, [conv]) if out == mid), None)
+        except NotAChannelMove:
+            found = None
+        if found is None:
             return None
+        region, cut, cmap = found
     if cmap.layout != "NC" or len(cmap.terms) != mixer.spec.c_in:
         return None
     wiring = _split_wiring([conv], [np.arange(conv.spec.c_in)], cmap)
     a = mixer.weight.reshape(mixer.weight.shape[:2])
-    mix = _dense_matrix(a, mixer.spec.group)
+    mix = dense_weights(a, mixer.spec.group)
     reach = np.zeros((mixer.spec.c_in, conv.spec.c_in), dtype=np.int32)
     np.add.at(reach, (wiring.out, wiring.inp), 1)
     connected = (mix != 0).astype(np.float32) @ (reach > 0).astype(np.float32) > 0
     if connected.all() or np.count_nonzero(mix) * max(1, len(wiring.out) // max(1, mixer.spec.c_in)) > _MAX_MIXED_PAIRS:
         return None  # dense: an ordinary Conv followed by a 1x1 Conv
-    wiring = _mix(wiring, mix, mixer.bias, conv.weight.dtype)
+    wiring = _mix(wiring, mix, mixer.bias)
     try:
         grouping = solve_pairs(wiring.out, wiring.inp, mixer.spec.c_out, conv.spec.c_in)
     except NotFusable:
@@ -555,33 +559,7 @@ def _mixed(ix: GraphIndex, kernel_node: NodeProto, mixer_node: NodeProto) -> Com
                       f"Conv {node_label(kernel_node)} mixed by 1x1 Conv {node_label(mixer_node)}")
 
 
-def _region_to(ix: GraphIndex, conv: _Conv, mid: str):
-    start = conv.node.output[0]
-    region, _, _ = grow_region(ix, [start])
-    cuts, _ = valid_cuts(ix, [start], region)
-    cut = next((c for c, out in cuts if out == mid), None)
-    if cut is None:
-        return None, None, None
-    sizes = conv_output_sizes(ix, conv.node, conv.weight.shape)
-    traced = propagate_to(ix, {start: source(sizes.shape, sizes.axes)}, sizes, region[:cut + 1], mid)
-    try:
-        cmap = classify_output(traced, sizes.shape, sizes.axes)
-    except NotAChannelMove:
-        return None, None, None
-    return region, cut, cmap
-
-
-def _dense_matrix(a: np.ndarray, group: int) -> np.ndarray:
-    """[C_out, C_in] matrix of a 1x1 Conv with weight a [C_out, Cig] and `group` groups."""
-    c_out, cig = a.shape
-    cog = c_out // group
-    dense = np.zeros((c_out, cig * group), dtype=a.dtype)
-    for g in range(group):
-        dense[g * cog:(g + 1) * cog, g * cig:(g + 1) * cig] = a[g * cog:(g + 1) * cog]
-    return dense
-
-
-def _mix(wiring: _Wiring, mix: np.ndarray, mixer_bias: np.ndarray | None, dtype) -> _Wiring:
+def _mix(wiring: _Wiring, mix: np.ndarray, mixer_bias: np.ndarray | None) -> _Wiring:
     """The wiring after a channel-mixing matrix: output o gets mix[o, m] times each kernel of channel m."""
     o_idx, m_idx = np.nonzero(mix)
     order = np.argsort(wiring.out, kind="stable")
@@ -652,6 +630,6 @@ def _composite(ix, kind, was, written, conv: _Conv, x, x_layout, replaced, outpu
     if out_shape is not None and layout == "NLC":
         out_shape = (out_shape[0], out_shape[-1]) + tuple(out_shape[1:-1])
     spec = spec_from_conv(conv.node, weight.shape, weight.dtype, x_shape, out_shape)
-    spec = ConvSpec(**{**spec.__dict__, "group": grouping.group, "c_in": grouping.c_in})
+    spec = replace(spec, group=grouping.group, c_in=grouping.c_in)
     return Composite(kind, conv.node, was, written, spec, x, x_layout, replaced, output, layout, grouping,
                      weight, bias, found_as)
